@@ -1,0 +1,34 @@
+"""kdjax.losses: pure, jit/grad/vmap-safe distillation losses.
+
+Import alone, with no trainer: ``from kdjax import losses``. Each topic lives in
+its own module; the public names are re-exported here.
+"""
+
+from kdjax.losses._compose import ComposedLoss
+from kdjax.losses._compose import LossAux
+from kdjax.losses._compose import Term
+from kdjax.losses._compose import TermInputs
+from kdjax.losses._compose import compose
+from kdjax.losses._compose import dist_term
+from kdjax.losses._compose import dkd_term
+from kdjax.losses._compose import evaluate_schedule
+from kdjax.losses._compose import label_term
+from kdjax.losses._compose import logit_term
+from kdjax.losses._decoupled import dist
+from kdjax.losses._decoupled import dkd
+from kdjax.losses._decoupled import dkd_terms
+from kdjax.losses._divergences import DIVERGENCES
+from kdjax.losses._divergences import TopKTeacher
+from kdjax.losses._divergences import divergence_from_log_probs
+from kdjax.losses._divergences import hard_label_cross_entropy
+from kdjax.losses._divergences import jensen_shannon_divergence
+from kdjax.losses._divergences import kl_divergence
+from kdjax.losses._divergences import logit_divergence
+from kdjax.losses._divergences import logit_mse
+from kdjax.losses._divergences import reverse_kl_divergence
+from kdjax.losses._divergences import skew_kl_divergence
+from kdjax.losses._divergences import skew_reverse_kl_divergence
+from kdjax.losses._divergences import soft_cross_entropy
+from kdjax.losses._divergences import top_k_divergence
+from kdjax.losses._divergences import top_k_teacher
+from kdjax.losses._divergences import total_variation_distance

@@ -1,0 +1,10 @@
+"""kdjax.train: the distillation state, jitted train/eval steps and a loop."""
+
+from kdjax.train._loop import fit
+from kdjax.train._state import DistillState
+from kdjax.train._state import create_state
+from kdjax.train._state import split_variables
+from kdjax.train._step import evaluate
+from kdjax.train._step import make_eval_step
+from kdjax.train._step import make_train_step
+from kdjax.train._step import teacher_forward
