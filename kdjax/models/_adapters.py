@@ -218,11 +218,11 @@ def from_nnx(model: nnx.Module,
     if rng is not None:
       nnx.reseed(module, **{rng_stream: rng})
     x = get_input(batch)
-    if names:
-      out, intermediates = nnx.capture(
-          module, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
-    else:
-      out, intermediates = module(x), None
+    # Always run under nnx.capture: a model that sows must not write the sown
+    # values into its own state (and sowing outside capture is deprecated).
+    out, intermediates = nnx.capture(
+        module, nnx.Intermediate,
+        method_outputs=nnx.Intermediate if names else None)(x)
     logits, features = _split_output(out)
     if names:
       produced = _flatten_nnx_state(intermediates)
