@@ -173,8 +173,16 @@ class ComposedLoss:
                           temperature=temperature, step=step,
                           params=params.get(term.name),
                           state=state.get(term.name), rng=term_rng, train=train)
+      if teacher is None and term.needs_teacher:
+        raise ValueError(
+            f"loss term {term.name!r} needs the teacher's output but teacher "
+            "is None (set needs_teacher=False for student-only terms).")
       out = term.fn(inputs)
       if term.stateful:
+        if not (isinstance(out, tuple) and len(out) == 2):
+          raise ValueError(
+              f"stateful loss term {term.name!r} must return (value, "
+              f"new_state), got {type(out).__name__}.")
         value, new_state[term.name] = out
       else:
         value = out
@@ -209,12 +217,26 @@ def compose(terms: Union[Sequence[Term], Mapping[str, tuple]],
   terms = tuple(terms)
   if not terms:
     raise ValueError("compose() needs at least one term.")
-  names = [t.name for t in terms]
-  if len(set(names)) != len(names):
-    raise ValueError(f"loss term names must be unique, got {names}.")
   for term in terms:
     if not isinstance(term, Term):
       raise TypeError(f"expected kdjax.losses.Term, got {type(term).__name__}.")
+  names = [t.name for t in terms]
+  if len(set(names)) != len(names):
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    raise ValueError(
+        f"loss term names must be unique; {duplicates} repeated in {names}.")
+  for term in terms:
+    if not isinstance(term.name, str) or not term.name:
+      raise ValueError(
+          f"loss term names must be non-empty strings, got {term.name!r}.")
+    if term.name == "temperature" or term.name.startswith("weight/"):
+      raise ValueError(
+          f"loss term name {term.name!r} is reserved for LossAux.terms "
+          "(\"temperature\", \"weight/<name>\").")
+    if not callable(term.fn):
+      raise TypeError(
+          f"fn of term {term.name!r} must be callable, got "
+          f"{type(term.fn).__name__}.")
     if not callable(term.weight):
       weight = _utils._concrete_value(term.weight)  # pylint: disable=protected-access
       if weight is not None and weight < 0:

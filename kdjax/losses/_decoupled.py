@@ -111,9 +111,20 @@ def _pearson_rows(a: chex.Array, b: chex.Array, weights: chex.Array,
   a = a - jnp.sum(a * weights, axis=-1, keepdims=True) / total
   b = b - jnp.sum(b * weights, axis=-1, keepdims=True) / total
   cov = jnp.sum(weights * a * b, axis=-1)
-  norm_a = jnp.sqrt(jnp.sum(weights * a * a, axis=-1))
-  norm_b = jnp.sqrt(jnp.sum(weights * b * b, axis=-1))
+  norm_a = _safe_sqrt(jnp.sum(weights * a * a, axis=-1))
+  norm_b = _safe_sqrt(jnp.sum(weights * b * b, axis=-1))
   return cov / (norm_a * norm_b + eps)
+
+
+def _safe_sqrt(x: chex.Array) -> chex.Array:
+  """``sqrt(x)`` with a zero (not infinite) gradient at ``x = 0``.
+
+  A row or column that is constant (one example in the batch, a fully masked
+  batch, a uniform prediction) has zero variance; ``jnp.sqrt`` would turn the
+  loss's gradient into NaN there.
+  """
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
 def dist(student_logits: chex.Array,

@@ -20,7 +20,11 @@ Conventions
   sequence padding; ``"mean"`` divides by the number (total weight) of
   unmasked positions, and a fully masked input gives 0, not NaN.
 * Stable for logits up to ``|1e4|`` and for teacher classes of zero
-  probability (``-inf`` logits): ``0 * log 0`` is taken as 0.
+  probability (``-inf`` logits): ``0 * log 0`` is taken as 0, and where the
+  other distribution has mass on such a class (reverse KL, JSD at
+  ``beta = 1``, skew reverse KL at ``alpha = 0``) the zero probability counts
+  as float32's smallest normal number (``log`` about -87.3), so the value and
+  gradient stay finite instead of ``inf``/NaN.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax.losses import _utils
 
@@ -48,18 +53,41 @@ def _safe_log_probs(log_p: chex.Array) -> tuple[chex.Array, chex.Array]:
   return p, jnp.where(p > 0, log_p, 0.0)
 
 
+# A class that ``p`` covers but ``q`` gives probability exactly 0 (a ``-inf``
+# log-probability, e.g. a masked teacher class in the reverse KL) makes
+# ``KL(p || q)`` infinite and its gradient NaN. Such ``log q_c`` are replaced by
+# the log of float32's smallest normal number (about -87.3 nats), so value and
+# gradient stay finite and the student is still pushed off that class. Finite
+# log-probabilities are never changed.
+_LOG_ZERO_FLOOR = float(np.log(np.finfo(np.float32).tiny))
+
+
 def kl_from_log_probs(log_p: chex.Array, log_q: chex.Array) -> chex.Array:
-  """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` over the last axis."""
+  """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` over the last axis.
+
+  ``0 log 0`` counts as 0; a ``-inf`` ``log q_c`` where ``p_c > 0`` counts as
+  ``log(float32 tiny)`` (see ``_LOG_ZERO_FLOOR``).
+  """
   p, log_p = _safe_log_probs(log_p)
+  log_q = jnp.where(jnp.isneginf(log_q), _LOG_ZERO_FLOOR, log_q)
   log_q = jnp.where(p > 0, log_q, 0.0)
   return jnp.sum(p * (log_p - log_q), axis=-1)
 
 
 def _log_mixture(log_p: chex.Array, log_q: chex.Array,
                  weight_p: chex.Array) -> chex.Array:
-  """``log(w p + (1 - w) q)`` computed in log space."""
+  """``log(w p + (1 - w) q)`` computed in log space.
+
+  Entries where both weighted terms are ``-inf`` (a zero-probability class at
+  ``w`` in ``{0, 1}``) give ``-inf`` with a zero (not NaN) gradient.
+  """
   weight_p = jnp.asarray(weight_p, jnp.float32)
-  return jnp.logaddexp(log_p + jnp.log(weight_p), log_q + jnp.log1p(-weight_p))
+  a = log_p + jnp.log(weight_p)
+  b = log_q + jnp.log1p(-weight_p)
+  both_zero = jnp.isneginf(a) & jnp.isneginf(b)
+  mixed = jnp.logaddexp(jnp.where(both_zero, 0.0, a),
+                        jnp.where(both_zero, 0.0, b))
+  return jnp.where(both_zero, -jnp.inf, mixed)
 
 
 def _is_python_number(x) -> bool:
@@ -528,6 +556,13 @@ def top_k_divergence(student_logits: chex.Array,
     raise ValueError(
         f"teacher top-k has k={jnp.shape(values)[-1]} entries but the student "
         f"has only {s_shape[-1]} classes.")
+  concrete_indices = _utils._concrete_value(indices)  # pylint: disable=protected-access
+  if concrete_indices is not None and concrete_indices.size and (
+      concrete_indices.min() < 0 or concrete_indices.max() >= s_shape[-1]):
+    raise ValueError(
+        f"class-count mismatch: teacher top-k indices lie in "
+        f"[{concrete_indices.min()}, {concrete_indices.max()}] but the student "
+        f"has {s_shape[-1]} classes.")
   _validate(divergence, temperature, beta, alpha)
   _utils.check_reduction(reduction)
   _utils.check_mask(mask, s_shape[:-1])
