@@ -10,6 +10,12 @@ import jax.numpy as jnp
 from kdjax.train._state import DistillState
 
 
+@jax.jit
+def _accumulate(running, metrics):
+  """Adds two metric dicts in one dispatch (not one per metric)."""
+  return jax.tree.map(jnp.add, running, metrics)
+
+
 def fit(train_step,
         state: DistillState,
         teacher_variables: Any,
@@ -17,7 +23,10 @@ def fit(train_step,
         *,
         log_every: int = 100,
         on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[DistillState, list]:
-  """Runs ``train_step`` over ``batches``.
+  """Runs ``train_step(state, teacher_variables, batch)`` over ``batches``.
+
+  ``teacher_variables`` may be ``None`` for a step that needs no teacher (a
+  student alone, or an offline cache whose teacher outputs are in the batch).
 
   Metrics are summed on the device and fetched once every ``log_every`` steps
   (a host sync per step would cost most of a small step's time). Returns the
@@ -28,8 +37,7 @@ def fit(train_step,
   history, running, n = [], None, 0
   for batch in batches:
     state, metrics = train_step(state, teacher_variables, batch)
-    running = metrics if running is None else jax.tree.map(jnp.add, running,
-                                                           metrics)
+    running = metrics if running is None else _accumulate(running, metrics)
     n += 1
     if n == log_every:
       means = {k: float(v) / n for k, v in jax.device_get(running).items()}

@@ -70,7 +70,8 @@ def create_state(student_variables: Mapping[str, Any],
                  rng: chex.PRNGKey,
                  loss_params: Optional[Mapping[str, Any]] = None,
                  loss_state: Optional[Mapping[str, Any]] = None,
-                 ema: bool = False) -> DistillState:
+                 ema: bool = False,
+                 policy: Optional[Any] = None) -> DistillState:
   """Builds the initial :class:`DistillState`.
 
   Args:
@@ -80,9 +81,14 @@ def create_state(student_variables: Mapping[str, Any],
     loss_params: from ``ComposedLoss.init_params`` (``{}`` if none).
     loss_state: from ``ComposedLoss.init_state`` (``{}`` if none).
     ema: keep an EMA copy of the student params (self-distillation).
+    policy: a :class:`kdjax.train.Policy`; the student and loss params are
+      stored in ``policy.param_dtype`` (the float32 master weights).
   """
   params, rest = split_variables(student_variables)
   loss_params = dict(loss_params or {})
+  if policy is not None:
+    params = policy.cast_to_param(params)
+    loss_params = policy.cast_to_param(loss_params)
   opt_state = optimizer.init({"student": params, "loss": loss_params})
   ema_params = jax.tree.map(jnp.copy, params) if ema else None
   return DistillState(step=jnp.zeros((), jnp.int32), params=params,
