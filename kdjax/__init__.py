@@ -7,6 +7,7 @@ the modules that need them.
 """
 
 from kdjax import losses
+from kdjax import methods
 from kdjax import models
 from kdjax.models import ModelOutput
 

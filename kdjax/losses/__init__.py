@@ -49,3 +49,17 @@ from kdjax.losses._relational import relational_term
 from kdjax.losses._relational import rkd_angle_loss
 from kdjax.losses._relational import rkd_distance_loss
 from kdjax.losses._relational import similarity_preserving_loss
+from kdjax.losses._contrastive import CRDEmbed
+from kdjax.losses._contrastive import CRDState
+from kdjax.losses._contrastive import crd_loss
+from kdjax.losses._contrastive import crd_nce_loss
+from kdjax.losses._contrastive import crd_term
+from kdjax.losses._contrastive import init_crd_heads
+from kdjax.losses._contrastive import init_crd_state
+from kdjax.losses._contrastive import sample_contrast_indices
+from kdjax.losses._ensemble import confidence_weights
+from kdjax.losses._ensemble import ensemble_probabilities
+from kdjax.losses._ensemble import multi_teacher_kl
+from kdjax.losses._ensemble import multi_teacher_term
+from kdjax.losses._ensemble import stack_teacher_logits
+from kdjax.losses._ensemble import teacher_logits_of

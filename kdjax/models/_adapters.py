@@ -209,8 +209,11 @@ def from_nnx(model: nnx.Module,
 
   def apply(variables, batch, *, train: bool = False,
             rng: Optional[chex.PRNGKey] = None) -> ModelOutput:
+    # copy=True: fresh Variables created in the current trace, so that train
+    # mode (BatchNorm statistics, RNG counters) can update them inside
+    # jax.grad / jax.jit.
     module = nnx.merge(graphdef, variables["params"],
-                       variables.get("state", rest))
+                       variables.get("state", rest), copy=True)
     if train:
       module.train()
     else:
@@ -228,7 +231,9 @@ def from_nnx(model: nnx.Module,
       produced = _flatten_nnx_state(intermediates)
       produced.update(features)
       features = {**features, **_select(produced, names, type(model).__name__)}
-    state = nnx.state(module, nnx.Not(nnx.Param)) if train else None
+    # Keyed like `variables`, so that `{**variables, **output.state}` (what the
+    # train step does) writes the updated BatchNorm statistics back.
+    state = {"state": nnx.state(module, nnx.Not(nnx.Param))} if train else None
     return ModelOutput(logits=logits, features=features, state=state)
 
   return apply, {"params": params, "state": rest}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -17,11 +17,13 @@ class MLP(nn.Module):
   hidden: Sequence[int] = (800, 800)
   num_classes: int = 10
   dropout_rate: float = 0.0
-  dtype: jnp.dtype = jnp.float32
+  dtype: Optional[Any] = None  # None: compute in the inputs'/params' dtype
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1).astype(self.dtype)
+    x = x.reshape(x.shape[0], -1)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x))
       if self.dropout_rate:
@@ -41,11 +43,12 @@ class CNN(nn.Module):
   dense: int = 128
   num_classes: int = 10
   dropout_rate: float = 0.0
-  dtype: jnp.dtype = jnp.float32
+  dtype: Optional[Any] = None  # None: compute in the inputs'/params' dtype
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = x.astype(self.dtype)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     if x.ndim == 3:
       x = x[..., None]
     for i, ch in enumerate(self.channels):

@@ -11,3 +11,11 @@ from kdjax.train._step import evaluate
 from kdjax.train._step import make_eval_step
 from kdjax.train._step import make_train_step
 from kdjax.train._step import teacher_forward
+from kdjax.train._self_distillation import GenerationResult
+from kdjax.train._self_distillation import born_again
+from kdjax.train._self_distillation import born_again_loss
+from kdjax.train._self_distillation import mean_teacher_decay
+from kdjax.train._self_distillation import mean_teacher_loss
+from kdjax.train._self_distillation import mean_teacher_step
+from kdjax.train._self_distillation import sigmoid_rampup
+from kdjax.train._self_distillation import softmax_mse

@@ -83,6 +83,12 @@ def create_state(student_variables: Mapping[str, Any],
     ema: keep an EMA copy of the student params (self-distillation).
     policy: a :class:`kdjax.train.Policy`; the student and loss params are
       stored in ``policy.param_dtype`` (the float32 master weights).
+
+  The state holds ``student_variables``' arrays themselves (no copy, so no
+  second copy of a large model in memory), and the train step donates the
+  state's buffers: after the first step those arrays are deleted. To reuse the
+  same initial variables for another run (e.g. a student trained alone and the
+  same student distilled), pass ``jax.tree.map(jnp.copy, variables)``.
   """
   params, rest = split_variables(student_variables)
   loss_params = dict(loss_params or {})

@@ -127,7 +127,7 @@ def test_nnx_train_mode_returns_state_and_missing_name_error():
   assert "hidden" in str(e.value) and "body" in str(e.value)
   apply, variables = models.from_nnx(_Nnx(nnx.Rngs(0, dropout=1)))
   out = apply(variables, {"image": X}, train=True, rng=jax.random.PRNGKey(0))
-  mean = out.state["bn"]["mean"].get_value()
+  mean = out.state["state"]["bn"]["mean"].get_value()
   assert np.abs(np.asarray(mean)).sum() > 0  # running stats moved
 
 
@@ -178,3 +178,20 @@ def test_reference_models_shapes_and_features(cls, kwargs):
   out = models.from_linen(module, feature_names=names)(variables, {"image": x})
   assert out.logits.shape == (2, 7)
   assert out.features["penultimate"].shape[0] == 2
+
+
+def test_nnx_batch_stats_are_written_back_by_the_train_step():
+  import optax
+  from kdjax import losses, train
+  apply, variables = models.from_nnx(_Nnx(nnx.Rngs(0, dropout=1)))
+  loss = losses.compose([losses.Term("ce", losses.label_term(), 1.0,
+                                     needs_teacher=False)])
+  opt = optax.sgd(0.1)
+  state = train.create_state(jax.tree.map(jnp.copy, variables), opt,
+                             rng=jax.random.PRNGKey(0))
+  step = train.make_train_step(apply, None, loss, opt)
+  batch = {"image": X, "label": np.array([0, 1, 2, 0, 1], np.int32)}
+  state, _ = step(state, None, batch)
+  before = np.asarray(variables["state"]["bn"]["mean"].get_value())
+  after = np.asarray(state.model_state["state"]["bn"]["mean"].get_value())
+  assert np.abs(after - before).sum() > 0
