@@ -9,7 +9,6 @@ from kdjax.data._idx import FASHION_MNIST_CLASSES
 from kdjax.data._idx import DataError
 from kdjax.data._idx import load_fashion_mnist_split
 from kdjax.data._idx import read_idx
-from kdjax.data.augment import augment
 from kdjax.data.augment import augment_batch
 from kdjax.data.augment import mixup
 from kdjax.data.augment import random_crop
