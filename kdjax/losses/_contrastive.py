@@ -79,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.losses._features import l2_normalize
 from kdjax.losses import _utils
 from kdjax.losses._compose import Term
 from kdjax.losses._compose import TermInputs
@@ -189,13 +190,6 @@ def _torch_linear_bias_init(fan_in: int):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
-
-
-def l2_normalize(x: chex.Array, axis: int = -1,
-                 eps: float = _NORM_EPS) -> chex.Array:
-  """``x / max(||x||_2, eps)`` along ``axis``."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 class CRDEmbed(nn.Module):
