@@ -1,1 +1,8 @@
-"""kdjax.cli."""
+"""kdjax.cli: the ``kdjax`` command line (``kdjax.cli.main:main``).
+
+Subcommands ``train-teacher``, ``cache-teacher``, ``distill``, ``eval``,
+``export``, ``report`` and ``config``, configured by YAML files and
+``--set key=value`` overrides (:mod:`kdjax.cli.config`). Expected calibration
+error lives in :mod:`kdjax.cli.calibration`. Importing this package imports
+no JAX; the commands import what they need.
+"""

@@ -1,0 +1,126 @@
+"""Metrics of a run: ``metrics.jsonl``, TensorBoard event files, a progress bar.
+
+Each record of ``metrics.jsonl`` is one JSON object ``{"step": int, "split":
+"train" | "eval", "time": seconds since the run (re)started, name: value,
+...}``. The same values go to TensorBoard (tensorboardX, no TensorFlow) under
+``<split>/<name>`` in ``<run>/tb``.
+
+A resumed run first drops the records written after its checkpoint (they are
+written again) and opens the event writer with ``purge_step`` set to it, so
+TensorBoard discards the stale events too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  """The records of ``<run_dir>/metrics.jsonl`` (``[]`` if none)."""
+  path = os.path.join(run_dir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue  # a line cut by a crash
+  return records
+
+
+class MetricsLogger:
+  """Appends records to ``metrics.jsonl`` and TensorBoard event files.
+
+  Args:
+    run_dir: the run directory.
+    start_step: the step the run (re)starts from; records with a larger step
+      are dropped (a resumed run writes them again).
+    tensorboard: write event files (needs ``tensorboardX``; without it a
+      note is printed once and only ``metrics.jsonl`` is written).
+  """
+
+  def __init__(self, run_dir: str, start_step: int = 0,
+               tensorboard: bool = True):
+    self._path = os.path.join(run_dir, METRICS_FILE)
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
+    with open(self._path + ".tmp", "w") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+    os.replace(self._path + ".tmp", self._path)
+    self._file = open(self._path, "a")
+    self._t0 = time.perf_counter()
+    self._writer = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        print("note: tensorboardX is not installed; writing metrics.jsonl "
+              "only (pip install tensorboardX for TensorBoard event files).",
+              file=sys.stderr)
+      else:
+        self._writer = SummaryWriter(
+            os.path.join(run_dir, TB_DIR),
+            purge_step=start_step if start_step else None)
+
+  def log(self, step: int, split: str, values: Mapping[str, Any]) -> dict:
+    """Writes one record; returns it."""
+    record = {"step": int(step), "split": split,
+              "time": round(time.perf_counter() - self._t0, 4)}
+    for name, value in values.items():
+      value = float(value)
+      record[name] = value if math.isfinite(value) else str(value)
+      if self._writer is not None:
+        self._writer.add_scalar(f"{split}/{name}", value, int(step))
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    return record
+
+  def close(self) -> None:
+    self._file.close()
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Progress:
+  """A tqdm bar over the run's steps, updated when metrics are fetched.
+
+  It shows the step, the steps/s rate, the ETA, and as postfix the last
+  fetched loss and the throughput in samples/s.
+  """
+
+  def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+    self._bar = None
+    if enabled:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+                       dynamic_ncols=True, file=sys.stderr, leave=True)
+
+  def update(self, steps: int, loss: float, samples_per_s: float) -> None:
+    if self._bar is not None:
+      self._bar.set_postfix({"loss": f"{loss:.4f}",
+                             "samples/s": f"{samples_per_s:,.0f}"},
+                            refresh=False)
+      self._bar.update(steps)
+
+  def write(self, text: str) -> None:
+    if self._bar is not None:
+      self._bar.write(text, file=sys.stdout)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
