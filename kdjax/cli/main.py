@@ -6,7 +6,7 @@
   kdjax cache-teacher --config C.yaml [--set ...]            # -> <output_dir>/teacher_cache
   kdjax distill       --config C.yaml [--set ...]            # -> <output_dir>/student_<method>
   kdjax eval RUN_DIR [--teacher TEACHER_RUN] [--set eval.latency_runs=50]
-  kdjax export RUN_DIR OUT [--overwrite]
+  kdjax export RUN_DIR OUT [--overwrite] [--format all|orbax|jax] [--quantize int8|int4]
   kdjax report RUN_DIR [RUN_DIR ...] --out DIR [--labels A B ...]
   kdjax config [--config C.yaml] [--set ...] [--schema]
 
@@ -81,11 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
   _add_set(p)
   p.set_defaults(func=cmd_eval)
 
-  p = sub.add_parser("export", help="write the run's student variables alone "
-                     "(an orbax PyTree checkpoint) for inference")
+  p = sub.add_parser("export", help="write the run's student alone for "
+                     "inference: its variables (orbax) and a serialized "
+                     "jax.export artifact + .npz + a loader that needs jax, "
+                     "not kdjax (OUT/inference)")
   p.add_argument("run_dir", metavar="RUN_DIR")
   p.add_argument("out", metavar="OUT")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--format", choices=("all", "orbax", "jax"), default="all",
+                 help="all (default): the orbax variables in OUT and the "
+                      "jax.export artifact in OUT/inference; orbax: the "
+                      "variables only; jax: the artifact only, in OUT")
+  p.add_argument("--quantize", default="none", metavar="Q",
+                 help="store the artifact's kernels quantised: none "
+                      "(default), int8 (= w8a8: int8 per-channel weights and "
+                      "int8 activations), int4 (= w4: int4 weights), w8, w4a8")
+  p.add_argument("--platforms", nargs="+", default=["cpu", "cuda"],
+                 help="lowering platforms of the artifact (default: cpu cuda)")
   p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("report", help="PNG learning curves and reliability "
@@ -225,21 +237,50 @@ def cmd_export(args) -> int:
   from kdjax import checkpoint as kckpt  # pylint: disable=g-import-not-at-top
   from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
   from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
+  quant = None
+  if args.quantize != "none":
+    from kdjax import compress  # pylint: disable=g-import-not-at-top
+    quant = compress.QuantConfig.parse(args.quantize)  # ValueError: exit 1
   run = _models.read_run(args.run_dir)
+  step = run.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"the run at {run.path} has no student checkpoint to export (nothing "
+        f"in {run.checkpoint_dir}); train it first (`kdjax distill`).")
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
   variables = run.restore_variables()
-  params, rest = ktrain.split_variables(variables)
-  step = run.latest_step()
-  # export_student reads the student's variables and step from a state; the
-  # optimizer and loss parts are not needed (and never exported).
-  state = ktrain.DistillState(step=jnp.asarray(step, jnp.int32), params=params,
-                              model_state=rest, loss_params={}, opt_state=(),
-                              loss_state={}, rng=jax.random.PRNGKey(0))
-  path = kckpt.export_student(state, args.out, overwrite=args.overwrite)
-  print(f"[export] {run.meta.get('model', 'student')} of {run.path} at step "
-        f"{step} ({run.model_config['arch']}, "
-        f"{_models.param_count(variables):,} params) -> {path}")
+  what = (f"{run.meta.get('model', 'student')} of {run.path} at step {step} "
+          f"({run.model_config['arch']}, "
+          f"{_models.param_count(variables):,} params)")
+  if args.format in ("all", "orbax"):
+    params, rest = ktrain.split_variables(variables)
+    # export_student reads the student's variables and step from a state; the
+    # optimizer and loss parts are not needed (and never exported).
+    state = ktrain.DistillState(step=jnp.asarray(step, jnp.int32),
+                                params=params, model_state=rest,
+                                loss_params={}, opt_state=(), loss_state={},
+                                rng=jax.random.PRNGKey(0))
+    path = kckpt.export_student(state, args.out, overwrite=args.overwrite)
+    print(f"[export] {what} -> {path}")
+  if args.format in ("all", "jax"):
+    from kdjax import compress  # pylint: disable=g-import-not-at-top
+    target = (os.path.join(args.out, "inference") if args.format == "all"
+              else args.out)
+    apply = _models.make_apply(run.module())
+    compress.export_for_inference(
+        apply, jax.device_get(variables), target,
+        input_shape=run.image_shape, quantize=quant,
+        platforms=tuple(args.platforms), overwrite=True,
+        metadata={"run": os.path.abspath(run.path), "step": int(step),
+                  "model": run.meta.get("model", "student"),
+                  "arch": run.model_config["arch"],
+                  "preprocessing": "image = (pixels / 255 - "
+                  f"{run.config['data']['mean']}) / {run.config['data']['std']}"})
+    print(f"[export] {what} as jax.export ("
+          f"{quant.name if quant else 'float32'}, "
+          f"{compress.directory_size(target) / 1024:.1f} KiB) -> {target}; "
+          f"run: python {os.path.join(target, 'run_exported.py')}")
   return 0
 
 

@@ -1,0 +1,236 @@
+"""Exporting a student as a serialized ``jax.export`` artifact that runs without kdjax.
+
+:func:`export_for_inference` writes, into one directory::
+
+  model.jaxexport   jax.export.export(jax.jit(f))(...).serialize(): StableHLO of
+                    f(*arrays, x) -> logits, batch dimension symbolic ("b")
+  params.npz        the arrays, in call order (arr_0000, arr_0001, ...)
+  export.json       format, input shape/dtype, quantisation, array names, sizes
+  run_exported.py   a loader that imports jax and numpy only (not kdjax)
+
+``f`` is the student's forward pass in eval mode (logits only): no loss-term
+connectors or heads, no optimizer state. With ``quantize`` the kernels are
+stored as int8 (int4 values in an int8 container) with one float32 scale per
+output channel and dequantised inside ``f``; with activation bits the
+inputs of linen Dense/Conv layers are fake-quantised inside ``f`` as in
+training (:func:`kdjax.compress.quantize_apply`). Loading::
+
+  import run_exported                       # next to the artifact
+  predict = run_exported.load(directory)
+  logits = predict(images)                  # [B, *input_shape] -> [B, C]
+
+Needs ``flatbuffers`` (jax.export's serializer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.compress import _quant
+
+FORMAT = "kdjax-jax-export-v1"
+ARTIFACT = "model.jaxexport"
+PARAMS = "params.npz"
+MANIFEST = "export.json"
+LOADER = "run_exported.py"
+
+LOADER_SOURCE = '''"""Runs a model exported by `kdjax export` with jax and numpy alone (no kdjax).
+
+  python run_exported.py [EXPORT_DIR] [--input images.npy] [--batch 1]
+
+prints the logits' shape and argmax; in Python::
+
+  predict = load(EXPORT_DIR)
+  logits = predict(images)   # float32 [B, *input_shape] -> [B, num_classes]
+"""
+
+import argparse
+import json
+import os
+
+import jax
+import numpy as np
+from jax import export as jax_export
+
+
+def load(directory):
+  """Returns predict(x) -> logits for the export in `directory`."""
+  with open(os.path.join(directory, "export.json")) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != "kdjax-jax-export-v1":
+    raise ValueError(f"{directory}: unknown export format {manifest.get('format')!r}.")
+  with open(os.path.join(directory, manifest["artifact"]), "rb") as f:
+    exported = jax_export.deserialize(bytearray(f.read()))
+  with np.load(os.path.join(directory, manifest["params"])) as stored:
+    arrays = [jax.numpy.asarray(stored[name]) for name in manifest["array_keys"]]
+  dtype = np.dtype(manifest["input_dtype"])
+
+  def predict(x):
+    x = np.asarray(x, dtype)
+    expected = tuple(manifest["input_shape"][1:])
+    if x.shape[1:] != expected:
+      raise ValueError(f"input shape {x.shape}: expected [B, {expected}].")
+    return exported.call(*arrays, x)
+
+  predict.manifest = manifest
+  return predict
+
+
+def main():
+  here = os.path.dirname(os.path.abspath(__file__))
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("directory", nargs="?", default=here)
+  p.add_argument("--input", default=None, help=".npy file of inputs [B, ...]")
+  p.add_argument("--batch", type=int, default=1)
+  args = p.parse_args()
+  predict = load(args.directory)
+  shape = predict.manifest["input_shape"][1:]
+  if args.input:
+    x = np.load(args.input)
+  else:
+    x = np.random.default_rng(0).standard_normal((args.batch, *shape))
+  logits = np.asarray(predict(x))
+  print("logits", logits.shape, "argmax", logits.argmax(-1).tolist())
+
+
+if __name__ == "__main__":
+  main()
+'''
+
+
+def _dequantize_tree(stored: Any) -> Any:
+  """``{"q": int8, "scale": f32}`` nodes -> ``q * scale`` (float32)."""
+  def is_q(node):
+    return isinstance(node, dict) and set(node) == {"q", "scale"}
+  return jax.tree.map(
+      lambda n: n["q"].astype(jnp.float32) * n["scale"] if is_q(n) else n,
+      stored, is_leaf=is_q)
+
+
+def quantize_for_storage(params: Any, bits: int) -> Any:
+  """Every kernel (floating, ``ndim >= 2``) -> ``{"q": int8, "scale": float32}``.
+
+  ``q = clip(round(w / s), -qmax, qmax)``, ``s = max|w[..., c]| / qmax``
+  per output channel ``c`` (the same rounding as :func:`fake_quant`, so a
+  QAT-trained student exports to exactly its training-time forward).
+  """
+  _quant.check_bits(bits)
+
+  def one(w):
+    if not _quant._is_kernel(w):  # pylint: disable=protected-access
+      return w
+    q, s = _quant.quantize_to_int(w, bits, channel_axis=-1)
+    return {"q": q, "scale": s}
+
+  return jax.tree.map(one, params)
+
+
+def _leaf_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def export_for_inference(apply: Callable[..., Any],
+                         variables: Any,
+                         directory: str,
+                         *,
+                         input_shape: Sequence[int],
+                         input_dtype: Any = jnp.float32,
+                         quantize: Optional[_quant.QuantConfig] = None,
+                         input_key: str = "image",
+                         platforms: Sequence[str] = ("cpu", "cuda"),
+                         metadata: Optional[dict] = None,
+                         overwrite: bool = False) -> str:
+  """Writes ``apply`` + ``variables`` as a kdjax-free ``jax.export`` artifact.
+
+  Args:
+    apply: the student's apply function (``kdjax.models``); called as
+      ``apply(variables, {input_key: x}, train=False).logits``.
+    variables: ``{"params": ..., other collections}`` (the student alone).
+    directory: output directory (must not exist unless ``overwrite``).
+    input_shape: one example's shape (``[H, W, C]``); the batch dimension is
+      symbolic, so any batch size runs.
+    input_dtype: the input's dtype.
+    quantize: store kernels as int8/int4 (+ per-channel scales) and
+      fake-quantise activations as in training; ``None``: float32.
+    input_key: the batch key the apply function reads.
+    platforms: lowering platforms of the artifact.
+    metadata: extra JSON-serialisable fields for ``export.json``.
+    overwrite: replace an existing directory.
+
+  Returns:
+    The directory.
+  """
+  if quantize is not None and not isinstance(quantize, _quant.QuantConfig):
+    raise TypeError("quantize must be a QuantConfig or None, got "
+                    f"{type(quantize).__name__}.")
+  if not isinstance(variables, dict) or "params" not in variables:
+    raise TypeError("variables must be {'params': ..., ...}.")
+  if os.path.exists(directory):
+    if not overwrite:
+      raise FileExistsError(f"{directory} exists; pass overwrite=True to "
+                            "replace it.")
+  variables = jax.device_get(variables)
+  stored = dict(variables)
+  if quantize is not None:
+    stored["params"] = quantize_for_storage(variables["params"],
+                                            quantize.weight_bits)
+    forward = _quant.quantize_apply(apply, quantize, quantize_weights=False)
+  else:
+    forward = apply
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(stored)
+  arrays = [np.asarray(x) for _, x in leaves_with_paths]
+  names = [_leaf_name(p) for p, _ in leaves_with_paths]
+
+  def f(*args):
+    *leaves, x = args
+    tree = _dequantize_tree(jax.tree_util.tree_unflatten(treedef, list(leaves)))
+    out = forward(tree, {input_key: x}, train=False)
+    return jnp.asarray(getattr(out, "logits", out), jnp.float32)
+
+  (batch,) = jax.export.symbolic_shape("b")
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+  specs.append(jax.ShapeDtypeStruct((batch, *tuple(input_shape)),
+                                    jnp.dtype(input_dtype)))
+  exported = jax.export.export(jax.jit(f), platforms=tuple(platforms))(*specs)
+  blob = exported.serialize()
+
+  tmp = directory.rstrip("/") + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  keys = [f"arr_{i:04d}" for i in range(len(arrays))]
+  with open(os.path.join(tmp, ARTIFACT), "wb") as fh:
+    fh.write(blob)
+  np.savez(os.path.join(tmp, PARAMS), **dict(zip(keys, arrays)))
+  manifest = {
+      "format": FORMAT, "artifact": ARTIFACT, "params": PARAMS,
+      "array_keys": keys, "array_names": names,
+      "input_shape": [None, *[int(d) for d in input_shape]],
+      "input_dtype": jnp.dtype(input_dtype).name,
+      "output": "logits float32 [B, num_classes]",
+      "quantization": None if quantize is None else quantize.name,
+      "platforms": list(exported.platforms),
+      "num_params": int(sum(np.size(x) for x in
+                            jax.tree.leaves(variables["params"]))),
+      "param_bytes": int(sum(a.nbytes for a in arrays)),
+      **(metadata or {})}
+  with open(os.path.join(tmp, MANIFEST), "w") as fh:
+    json.dump(manifest, fh, indent=1)
+  with open(os.path.join(tmp, LOADER), "w") as fh:
+    fh.write(LOADER_SOURCE)
+  if os.path.exists(directory):
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+  return directory
+
+
+def directory_size(directory: str) -> int:
+  """Total bytes of the files under ``directory``."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, files in os.walk(directory) for name in files)
