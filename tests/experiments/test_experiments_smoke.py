@@ -1,0 +1,173 @@
+"""Smoke tests of the experiment scripts (experiments/*.py) in their --smoke mode.
+
+Each script's ``main(["--smoke", ...])`` runs in-process on a small generated
+Fashion-MNIST directory (class-prototype images in the IDX format, so that
+the run needs no installed dataset and the classes are learnable), with its
+teachers, caches and outputs in a temporary work directory; the tests check
+the JSON payload, the written files and the properties that must hold at any
+size (e.g. a student trained offline from the cached full logits makes the
+same test predictions as the same student trained with the teacher online).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import struct
+import sys
+
+import jax  # noqa: F401  (imported before experiments/ joins sys.path)
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPERIMENTS = os.path.join(REPO_ROOT, "experiments")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_idx(path: str, array: np.ndarray) -> None:
+  """An independent IDX writer: magic 0x08 (uint8), ndim, big-endian dims."""
+  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
+      struct.pack(">I", d) for d in array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """A generated dataset, a shared work directory, and the scripts as modules."""
+  root = tmp_path_factory.mktemp("experiments_smoke")
+  data_dir = root / "fashion"
+  data_dir.mkdir()
+  rng = np.random.default_rng(0)
+  prototypes = rng.integers(0, 256, (10, 28, 28))
+  for split, n, stems in (
+      ("train", 1200, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
+      ("test", 500, ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))):
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    noise = rng.normal(0, 60, (n, 28, 28))
+    images = np.clip(prototypes[labels] + noise, 0, 255)
+    _write_idx(str(data_dir / (stems[0] + ".gz")), images)
+    _write_idx(str(data_dir / (stems[1] + ".gz")), labels)
+
+  saved_path, saved_modules = list(sys.path), set(sys.modules)
+  sys.path.insert(0, EXPERIMENTS)
+  scripts = {}
+  for name in ("hinton_temperature", "method_comparison", "ensemble_born_again",
+               "online_vs_offline"):
+    spec = importlib.util.spec_from_file_location(
+        f"_kdjax_experiment_{name}", os.path.join(EXPERIMENTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scripts[name] = module
+  yield {"root": root, "data_dir": str(data_dir), "scripts": scripts}
+  sys.path[:] = saved_path
+  for name in set(sys.modules) - saved_modules:
+    if name in ("common", "fashion_mnist_kd") or name.startswith("_kdjax_experiment_"):
+      del sys.modules[name]
+
+
+def _run(env, name, *extra):
+  out = env["root"] / "out"
+  argv = ["--smoke", "--data-dir", env["data_dir"], "--workdir",
+          str(env["root"] / "work"), "--out-dir", str(out), *extra]
+  payload = env["scripts"][name].main(argv)
+  with open(out / f"{name}.json") as f:
+    saved = json.load(f)
+  with open(out / f"{name}.png", "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  assert saved["experiment"] == name
+  # The teacher caches (which also store the images) are removed after a run.
+  caches = env["root"] / "work" / "caches"
+  assert not caches.exists() or not any(caches.iterdir())
+  assert any((env["root"] / "work" / "teachers").glob("*.msgpack"))
+  assert saved["command"].startswith(f"python experiments/{name}.py --smoke")
+  return payload, saved
+
+
+def _check_accuracy(values):
+  values = np.asarray(values, np.float64)
+  assert values.size and np.all(np.isfinite(values))
+  assert np.all((values >= 0) & (values <= 1)), values
+
+
+def test_hinton_temperature_smoke(env):
+  payload, saved = _run(env, "hinton_temperature")
+  assert [r["regime"] for r in saved["regimes"]] == ["full", "subset"]
+  for regime in saved["regimes"]:
+    assert list(regime["runs"]) == ["alone", "T=1", "T=4"]
+    for runs in regime["runs"].values():
+      _check_accuracy([r["accuracy"] for r in runs])
+      _check_accuracy([r["agreement"] for r in runs])
+    # The gain is paired by seed: distilled minus alone.
+    s = regime["summary"]["T=4"]
+    alone = regime["summary"]["alone"]["accuracy"]["mean"]
+    assert s["gain"]["mean"] == pytest.approx(s["accuracy"]["mean"] - alone)
+    assert "| student alone" in saved["tables"][regime["regime"]]
+  assert 0.0 <= payload["teacher"]["accuracy"] <= 1.0
+
+
+def test_method_comparison_smoke(env):
+  names = ["ce", "kd", "fitnets", "crd", "mean_teacher"]
+  _, saved = _run(env, "method_comparison", "--methods", *names)
+  assert list(saved["summary"]) == names
+  assert saved["summary"]["fitnets"]["teacher"] == "online"   # reads block_1
+  assert saved["summary"]["crd"]["teacher"] == "cache"        # penultimate only
+  assert saved["summary"]["kd"]["teacher"] == "cache"
+  assert saved["summary"]["mean_teacher"]["teacher"] == "EMA of student"
+  assert saved["summary"]["crd"]["changed"] == {"nce_k": 64}
+  for name in names:
+    _check_accuracy([r["accuracy"] for r in saved["runs"][name]])
+  assert saved["summary"]["ce"]["gain_vs_ce"] is None
+  kd = saved["summary"]["kd"]
+  assert kd["gain_vs_ce"]["mean"] == pytest.approx(
+      kd["accuracy"]["mean"] - saved["summary"]["ce"]["accuracy"]["mean"])
+
+
+def test_method_comparison_rejects_unknown_method(env):
+  with pytest.raises(ValueError, match="known methods"):
+    env["scripts"]["method_comparison"].main(
+        ["--smoke", "--methods", "kd", "not_a_method", "--workdir",
+         str(env["root"] / "work")])
+
+
+def test_ensemble_born_again_smoke(env):
+  _, saved = _run(env, "ensemble_born_again")
+  ens = saved["ensemble"]
+  assert len(ens["teachers"]) == 3
+  assert ens["best_teacher"] == max(ens["teachers"], key=lambda t: t["accuracy"])["name"]
+  _check_accuracy([ens["ensemble_accuracy"]])
+  for regime in ("subset", "full"):
+    runs = ens["runs"][regime]
+    assert len(runs) == 3 and "student alone" in runs
+    for rs in runs.values():
+      _check_accuracy([r["accuracy"] for r in rs])
+    ban = saved["born_again"]["runs"][regime]
+    assert len(ban[0]["accuracy"]) == 3     # generation 0 + 2 generations
+    _check_accuracy(ban[0]["accuracy"] + [ban[0]["bane_accuracy"]])
+  assert saved["born_again"]["hparams"]["temperature"] == 1.0
+
+
+def test_online_vs_offline_smoke(env):
+  _, saved = _run(env, "online_vs_offline")
+  summary = saved["summary"]
+  online = summary["online (teacher forward each step)"]
+  full = summary["offline, cached full logits"]
+  top2 = summary["offline, cached top-2 + tail"]
+  # The cache holds the online teacher's logits: the offline student follows
+  # the online one (same init, batches and order).
+  run_online = saved["runs"]["online (teacher forward each step)"][0]
+  run_full = saved["runs"]["offline, cached full logits"][0]
+  assert run_full["same_predictions_as_online"] >= 0.99
+  assert run_full["max_abs_logit_diff_vs_online"] < 1e-2
+  assert abs(run_full["accuracy"] - run_online["accuracy"]) <= 0.01
+  assert online["cache_build_s"] is None and full["cache_build_s"] > 0
+  # 4 bytes per logit; top-k: 8 bytes per kept entry + 4 for the logsumexp.
+  assert full["teacher_outputs_mb"] == pytest.approx(512 * 10 * 4 / 2**20)
+  assert top2["teacher_outputs_mb"] == pytest.approx(512 * 20 / 2**20)
+  _check_accuracy([top2["accuracy"]["mean"] / 100])
+  for s in summary.values():
+    assert s["step_ms"] > 0 and s["time_s"] > 0
