@@ -97,6 +97,32 @@ def finish_args(args: argparse.Namespace, smoke: dict, real: dict) -> argparse.N
   return args
 
 
+def execute(parser: argparse.ArgumentParser, argv, smoke: dict, real: dict,
+            run) -> dict:
+  """Parses ``argv``, then ``run(args, argv)`` with the smoke-mode compile
+  settings, removing the run's teacher caches afterwards."""
+  args = finish_args(parser.parse_args(argv), smoke, real)
+  with fast_compiles(args.smoke):
+    try:
+      return run(args, argv)
+    finally:
+      remove_caches(args)
+
+
+def prepare(args: argparse.Namespace, timer, **teacher_kw) -> tuple[dict, dict]:
+  """Loads the data, prints the run header and gets (trains or loads) the
+  shared teacher, timed as ``"teacher"``; returns ``(data, teacher)``."""
+  data = load_data(args)
+  run_header(args, data)
+  with timer("teacher"):
+    teacher = get_teacher(data, args.workdir, **teacher_kw,
+                          **teacher_args(args))
+  print(f"teacher: {teacher['name']}, {teacher['params']:,} params, test "
+        f"accuracy {100 * teacher['accuracy']:.2f}%"
+        + (" (loaded)" if teacher.get("loaded") else ""), flush=True)
+  return data, teacher
+
+
 def output_paths(args: argparse.Namespace, name: str) -> tuple[str, str]:
   """``(json path, png path)`` of the experiment ``name``."""
   if args.out_dir is not None:

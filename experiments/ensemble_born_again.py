@@ -107,12 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p.add_argument("--kd-weight", type=float, default=0.5)
   p.add_argument("--student-hidden", type=int, nargs="+", default=[128])
   p.add_argument("--lr", type=float, default=2e-3)
-  args = common.finish_args(p.parse_args(argv), SMOKE, REAL)
-  with common.fast_compiles(args.smoke):
-    try:
-      return run(args, argv)
-    finally:
-      common.remove_caches(args)
+  return common.execute(p, argv, SMOKE, REAL, run)
 
 
 def run(args, argv) -> dict:

@@ -71,12 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p.add_argument("--student-dense", type=int, default=64)
   p.add_argument("--crd-nce-k", type=int, default=None)
   p.add_argument("--lr", type=float, default=2e-3)
-  args = common.finish_args(p.parse_args(argv), SMOKE, REAL)
-  with common.fast_compiles(args.smoke):
-    try:
-      return run(args, argv)
-    finally:
-      common.remove_caches(args)
+  return common.execute(p, argv, SMOKE, REAL, run)
 
 
 def run(args, argv) -> dict:
@@ -87,13 +82,7 @@ def run(args, argv) -> dict:
   json_path, png_path = common.output_paths(args, NAME)
   timer = common.Timer()
 
-  data = common.load_data(args)
-  common.run_header(args, data)
-  with timer("teacher"):
-    teacher = common.get_teacher(data, args.workdir, feature_names=FEATURES,
-                                 **common.teacher_args(args))
-  print(f"teacher: {teacher['name']}, {teacher['params']:,} params, test "
-        f"accuracy {100 * teacher['accuracy']:.2f}%", flush=True)
+  data, teacher = common.prepare(args, timer, feature_names=FEATURES)
 
   student = models.CNN(channels=tuple(args.student_channels),
                        dense=args.student_dense, num_classes=10)

@@ -67,24 +67,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p.add_argument("--kd-weight", type=float, default=0.5)
   p.add_argument("--student-hidden", type=int, nargs="+", default=[128])
   p.add_argument("--lr", type=float, default=2e-3)
-  args = common.finish_args(p.parse_args(argv), SMOKE, REAL)
-  with common.fast_compiles(args.smoke):
-    try:
-      return run(args, argv)
-    finally:
-      common.remove_caches(args)
+  return common.execute(p, argv, SMOKE, REAL, run)
 
 
 def run(args, argv) -> dict:
   """Runs the experiment with parsed ``args``; returns the JSON payload."""
   json_path, png_path = common.output_paths(args, NAME)
   timer = common.Timer()
-  data = common.load_data(args)
-  common.run_header(args, data)
-  with timer("teacher"):
-    teacher = common.get_teacher(data, args.workdir, **common.teacher_args(args))
-  print(f"teacher: {teacher['name']}, {teacher['params']:,} params, test "
-        f"accuracy {100 * teacher['accuracy']:.2f}%", flush=True)
+  data, teacher = common.prepare(args, timer)
   student = models.MLP(hidden=tuple(args.student_hidden), num_classes=10)
   student_apply = models.from_linen(student, train_kwarg="train")
   x, y, _ = common.subset(data, args.train_size)
