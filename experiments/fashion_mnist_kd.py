@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -227,7 +226,7 @@ def main(argv=None):
     summary.append({"regime": regime, "size": size, "epochs": epochs,
                     "alone": alone, "distilled": dist})
   total = time.perf_counter() - t0
-  print(f"\ntimes (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+  print("\ntimes (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
         + f"; students {sum(r['time_s'] for v in results.values() for r in v):.0f}"
         f"; total {total:.0f}")
   if args.json:
