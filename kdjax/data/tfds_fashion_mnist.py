@@ -37,7 +37,6 @@ import re
 from typing import Any, Optional
 
 from etils import epath
-import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping, Optional, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
