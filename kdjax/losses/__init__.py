@@ -32,6 +32,14 @@ from kdjax.losses._divergences import soft_cross_entropy
 from kdjax.losses._divergences import top_k_divergence
 from kdjax.losses._divergences import top_k_teacher
 from kdjax.losses._divergences import total_variation_distance
+from kdjax.losses._divergences import top_k_divergence_from_student_log_probs
+from kdjax.losses._large_vocab import DEFAULT_MEMORY_BUDGET_BYTES
+from kdjax.losses._large_vocab import Unembedding
+from kdjax.losses._large_vocab import choose_chunk_size
+from kdjax.losses._large_vocab import cross_entropy_from_hidden
+from kdjax.losses._large_vocab import divergence_from_hidden
+from kdjax.losses._large_vocab import top_k_divergence_from_hidden
+from kdjax.losses._large_vocab import vocab_sharded_divergence_from_hidden
 from kdjax.losses._features import Connector
 from kdjax.losses._features import adaptive_avg_pool
 from kdjax.losses._features import attention_map

@@ -543,47 +543,88 @@ def top_k_divergence(student_logits: chex.Array,
   if divergence not in DIVERGENCES:
     raise ValueError(
         f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}.")
-  values, indices = teacher.values, teacher.indices
   s_shape = jnp.shape(student_logits)
-  if jnp.shape(values) != jnp.shape(indices):
-    raise ValueError(f"teacher top-k values {jnp.shape(values)} and indices "
-                     f"{jnp.shape(indices)} must have the same shape.")
-  if tuple(jnp.shape(values)[:-1]) != tuple(s_shape[:-1]):
-    raise ValueError(
-        f"shape mismatch: student logits {s_shape} and teacher top-k "
-        f"{jnp.shape(values)} must share their leading shape.")
-  if jnp.shape(values)[-1] > s_shape[-1]:
-    raise ValueError(
-        f"teacher top-k has k={jnp.shape(values)[-1]} entries but the student "
-        f"has only {s_shape[-1]} classes.")
-  concrete_indices = _utils._concrete_value(indices)  # pylint: disable=protected-access
-  if concrete_indices is not None and concrete_indices.size and (
-      concrete_indices.min() < 0 or concrete_indices.max() >= s_shape[-1]):
-    raise ValueError(
-        f"class-count mismatch: teacher top-k indices lie in "
-        f"[{concrete_indices.min()}, {concrete_indices.max()}] but the student "
-        f"has {s_shape[-1]} classes.")
+  check_top_k_shapes(teacher, tuple(s_shape[:-1]), s_shape[-1])
   _validate(divergence, temperature, beta, alpha)
   _utils.check_reduction(reduction)
   _utils.check_mask(mask, s_shape[:-1])
   t = jnp.asarray(temperature, jnp.float32)
   log_q_full = jax.nn.log_softmax(_utils.to_float32(student_logits) / t, -1)
-  log_q = jnp.take_along_axis(log_q_full, indices, axis=-1)
-  scaled = _utils.to_float32(values) / t
-  if tail_bucket:
-    if teacher.logsumexp is None:
+  log_q = jnp.take_along_axis(log_q_full, teacher.indices, axis=-1)
+  per_position = top_k_divergence_from_student_log_probs(
+      log_q, teacher, temperature, divergence=divergence, beta=beta, alpha=alpha,
+      tail_bucket=tail_bucket)
+  per_position = per_position * _temperature_factor(
+      divergence, temperature, scale_by_temperature)
+  return _utils.reduce_loss(per_position, mask, reduction)
+
+
+def check_top_k_shapes(teacher: TopKTeacher, leading_shape: tuple,
+                       num_classes: int) -> None:
+  """Validates a top-k teacher against the student's ``[*leading, C]`` logits."""
+  values, indices = teacher.values, teacher.indices
+  if jnp.shape(values) != jnp.shape(indices):
+    raise ValueError(f"teacher top-k values {jnp.shape(values)} and indices "
+                     f"{jnp.shape(indices)} must have the same shape.")
+  if tuple(jnp.shape(values)[:-1]) != tuple(leading_shape):
+    raise ValueError(
+        f"shape mismatch: the student's leading shape {tuple(leading_shape)} "
+        f"and the teacher top-k {jnp.shape(values)} must agree (top-k is "
+        "[..., k]).")
+  if jnp.shape(values)[-1] > num_classes:
+    raise ValueError(
+        f"teacher top-k has k={jnp.shape(values)[-1]} entries but the student "
+        f"has only {num_classes} classes.")
+  concrete_indices = _utils._concrete_value(indices)  # pylint: disable=protected-access
+  if concrete_indices is not None and concrete_indices.size and (
+      concrete_indices.min() < 0 or concrete_indices.max() >= num_classes):
+    raise ValueError(
+        f"class-count mismatch: teacher top-k indices lie in "
+        f"[{concrete_indices.min()}, {concrete_indices.max()}] but the student "
+        f"has {num_classes} classes.")
+
+
+def check_top_k_temperature(teacher: TopKTeacher, temperature,
+                            tail_bucket: bool) -> None:
+  """A tail bucket needs the teacher's logsumexp at the loss's temperature."""
+  if not tail_bucket:
+    return
+  if teacher.logsumexp is None:
+    raise ValueError(
+        "tail_bucket=True needs teacher.logsumexp (build the teacher with "
+        "top_k_teacher(...) or store the full-vocabulary logsumexp).")
+  if teacher.temperature is not None:
+    stored = _utils._concrete_value(teacher.temperature)  # pylint: disable=protected-access
+    given = _utils._concrete_value(temperature)  # pylint: disable=protected-access
+    if stored is not None and given is not None and not np.allclose(
+        stored, given):
       raise ValueError(
-          "tail_bucket=True needs teacher.logsumexp (build the teacher with "
-          "top_k_teacher(...) or store the full-vocabulary logsumexp).")
-    if teacher.temperature is not None:
-      stored = _utils._concrete_value(teacher.temperature)  # pylint: disable=protected-access
-      given = _utils._concrete_value(temperature)  # pylint: disable=protected-access
-      if stored is not None and given is not None and not jnp.allclose(
-          stored, given):
-        raise ValueError(
-            f"the top-k teacher's logsumexp was computed at temperature "
-            f"{float(stored)} but the loss uses temperature {float(given)}; "
-            "the tail bucket needs the same temperature.")
+          f"the top-k teacher's logsumexp was computed at temperature "
+          f"{float(stored)} but the loss uses temperature {float(given)}; "
+          "the tail bucket needs the same temperature.")
+
+
+def top_k_divergence_from_student_log_probs(log_q: chex.Array,
+                                            teacher: TopKTeacher,
+                                            temperature,
+                                            *,
+                                            divergence: str = "kl",
+                                            beta=0.5,
+                                            alpha=0.1,
+                                            tail_bucket: bool = True
+                                            ) -> chex.Array:
+  """Per-position divergence from the student's log-probs at the top-k indices.
+
+  ``log_q [..., k]`` holds ``log softmax(z_s / T)`` (normalised over the full
+  vocabulary) gathered at ``teacher.indices``; that is all the top-k
+  divergence needs from the student, which lets the memory-lean losses
+  (``kdjax.losses.top_k_divergence_from_hidden``) gather it chunk by chunk or
+  shard by shard. Unscaled (no ``T**2``), unreduced: ``[...]``.
+  """
+  check_top_k_temperature(teacher, temperature, tail_bucket)
+  t = jnp.asarray(temperature, jnp.float32)
+  scaled = _utils.to_float32(teacher.values) / t
+  if tail_bucket:
     log_p = scaled - _utils.to_float32(teacher.logsumexp)[..., None]
     log_p = jnp.minimum(log_p, 0.0)
     log_p_tail = _log1mexp(jax.nn.logsumexp(log_p, axis=-1))
@@ -593,8 +634,5 @@ def top_k_divergence(student_logits: chex.Array,
   else:
     log_p = jax.nn.log_softmax(scaled, axis=-1)
     log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)
-  per_position = divergence_from_log_probs(
-      divergence, log_q, log_p, beta=beta, alpha=alpha)
-  per_position = per_position * _temperature_factor(
-      divergence, temperature, scale_by_temperature)
-  return _utils.reduce_loss(per_position, mask, reduction)
+  return divergence_from_log_probs(divergence, log_q, log_p, beta=beta,
+                                   alpha=alpha)
