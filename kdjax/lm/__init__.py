@@ -4,7 +4,9 @@ A small decoder-only transformer with a KV cache (``DecoderLM``), a byte-level
 tokenizer and masked next-token batches, token-level distillation terms for
 ``kdjax.losses.compose`` (every divergence, top-k teachers, padded
 vocabularies), jitted generation (temperature, top-k, top-p), sequence-level
-KD (Kim & Rush 2016) and on-policy distillation (GKD, Agarwal et al. 2024).
+KD (Kim & Rush 2016) and on-policy distillation (GKD, Agarwal et al. 2024);
+memory-lean terms for large vocabularies (``lean_token_kd_term``, from hidden
+states, never forming ``[B, T, V]`` logits).
 """
 
 from kdjax.lm._data import ByteTokenizer
@@ -26,6 +28,8 @@ from kdjax.lm._generate import batch_from_generation
 from kdjax.lm._generate import generate
 from kdjax.lm._generate import make_rollout_fn
 from kdjax.lm._generate import sample_logits
+from kdjax.lm._lean import lean_token_ce_term
+from kdjax.lm._lean import lean_token_kd_term
 from kdjax.lm._model import DecoderLM
 from kdjax.lm._model import TransformerConfig
 from kdjax.lm._model import init_cache

@@ -152,15 +152,16 @@ class DecoderLM(nn.Module):
   """Decoder-only causal transformer; see the module docstring.
 
   ``__call__(tokens [B, T], *, cache=None, cache_index=None,
-  return_hidden=False)`` returns ``logits [B, T, V]``, plus a dict with
-  ``"hidden"`` (``[B, T, D]``, when ``return_hidden``) and ``"cache"`` (when a
-  cache is passed): ``(logits, extras)``.
+  return_hidden=False, compute_logits=True)`` returns ``logits [B, T, V]``
+  (``None`` with ``compute_logits=False``: the unembedding is not applied),
+  plus a dict with ``"hidden"`` (``[B, T, D]``, when ``return_hidden``) and
+  ``"cache"`` (when a cache is passed): ``(logits, extras)``.
   """
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens: chex.Array, *, cache=None, cache_index=None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, compute_logits: bool = True):
     cfg = self.config
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -182,8 +183,11 @@ class DecoderLM(nn.Module):
       x, c = _Block(cfg, name=f"block_{i}")(x, layer_cache, cache_index)
       new_caches.append(c)
     hidden = nn.LayerNorm(name="ln_final")(x)
-    logits = nn.Dense(cfg.vocab_size, use_bias=cfg.unembed_bias,
-                      name="unembed")(hidden)
+    if compute_logits or self.is_initializing():
+      logits = nn.Dense(cfg.vocab_size, use_bias=cfg.unembed_bias,
+                        name="unembed")(hidden)
+    else:  # memory-lean losses form the logits chunk by chunk themselves
+      logits = None
     extras = {}
     if return_hidden:
       extras["hidden"] = hidden
@@ -226,15 +230,24 @@ def unembedding(params: Mapping[str, Any]) -> tuple[chex.Array, Optional[chex.Ar
 
 
 def make_lm_apply(config: TransformerConfig, *, input_key: str = "tokens",
-                  return_hidden: bool = False):
+                  return_hidden: bool = False, compute_logits: bool = True):
   """The ``kdjax`` apply function of a :class:`DecoderLM`.
 
   ``apply(variables, batch, *, train=False, rng=None) -> ModelOutput`` with
   ``logits [B, T, V]`` from ``batch[input_key]`` and, when ``return_hidden``,
   ``features["hidden"] [B, T, D]`` (the final normalised hidden states). The
   model has no dropout: ``train`` and ``rng`` are accepted and ignored.
+
+  ``compute_logits=False`` (implies ``return_hidden``) is the memory-lean
+  mode for large vocabularies: ``logits`` is ``None`` and the features add
+  the unembedding, ``"unembedding_kernel" [D, V]`` and (with a bias)
+  ``"unembedding_bias" [V]``, taken from ``variables`` so that gradients
+  reach them; ``kdjax.lm.lean_token_kd_term`` and ``lean_token_ce_term``
+  compute the losses chunk by chunk from these (``kdjax.losses.
+  divergence_from_hidden``) without ever forming ``[B, T, V]``.
   """
   module = DecoderLM(config)
+  return_hidden = return_hidden or not compute_logits
 
   def apply(variables, batch, *, train: bool = False,
             rng: Optional[chex.PRNGKey] = None) -> ModelOutput:
@@ -243,10 +256,17 @@ def make_lm_apply(config: TransformerConfig, *, input_key: str = "tokens",
       raise KeyError(f"the batch has no key {input_key!r}; keys present: "
                      f"{sorted(batch)}.")
     out = module.apply(variables, batch[input_key],
-                       return_hidden=return_hidden)
+                       return_hidden=return_hidden,
+                       compute_logits=compute_logits)
     if return_hidden:
       logits, extras = out
-      return ModelOutput(logits=logits, features={"hidden": extras["hidden"]})
+      features = {"hidden": extras["hidden"]}
+      if not compute_logits:
+        kernel, bias = unembedding(variables)
+        features["unembedding_kernel"] = kernel.astype(extras["hidden"].dtype)
+        if bias is not None:
+          features["unembedding_bias"] = bias.astype(extras["hidden"].dtype)
+      return ModelOutput(logits=logits, features=features)
     return ModelOutput(logits=out)
 
   apply.module = module
