@@ -5,10 +5,17 @@ tokenizer and masked next-token batches, token-level distillation terms for
 ``kdjax.losses.compose`` (every divergence, top-k teachers, padded
 vocabularies), jitted generation (temperature, top-k, top-p), sequence-level
 KD (Kim & Rush 2016) and on-policy distillation (GKD, Agarwal et al. 2024);
+cross-tokenizer distillation (Universal Logit Distillation, ``make_uld_loss``);
 memory-lean terms for large vocabularies (``lean_token_kd_term``, from hidden
 states, never forming ``[B, T, V]`` logits).
 """
 
+from kdjax.lm._cross_tokenizer import TEACHER_PREFIX
+from kdjax.lm._cross_tokenizer import PairTokenizer
+from kdjax.lm._cross_tokenizer import make_cross_tokenizer_batch
+from kdjax.lm._cross_tokenizer import make_teacher_lm_apply
+from kdjax.lm._cross_tokenizer import make_uld_loss
+from kdjax.lm._cross_tokenizer import uld_term
 from kdjax.lm._data import ByteTokenizer
 from kdjax.lm._data import iterate_batches
 from kdjax.lm._data import make_lm_batch

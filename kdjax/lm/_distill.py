@@ -47,8 +47,8 @@ TARGET_KEY = "targets"
 
 _CROSS_TOKENIZER_HINT = (
     "Models with different tokenizers cannot be compared token by token; use "
-    "the cross-tokenizer option (Universal Logit Distillation, ULD: sorted-"
-    "probability matching, kdjax's memory-lean LM losses) instead.")
+    "the cross-tokenizer loss instead: Universal Logit Distillation, ULD "
+    "(kdjax.lm.make_uld_loss / kdjax.lm.uld_term, kdjax.losses.uld_loss).")
 
 
 def check_vocabularies(student_rows: int, teacher_rows: int,

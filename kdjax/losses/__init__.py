@@ -40,6 +40,13 @@ from kdjax.losses._large_vocab import cross_entropy_from_hidden
 from kdjax.losses._large_vocab import divergence_from_hidden
 from kdjax.losses._large_vocab import top_k_divergence_from_hidden
 from kdjax.losses._large_vocab import vocab_sharded_divergence_from_hidden
+from kdjax.losses._uld import align_responses
+from kdjax.losses._uld import next_token_cross_entropy
+from kdjax.losses._uld import sorted_probabilities
+from kdjax.losses._uld import sorted_probability_distance
+from kdjax.losses._uld import uld_loss
+from kdjax.losses._uld import universal_logit_distillation_loss
+from kdjax.losses._uld import universal_logit_distillation_parts
 from kdjax.losses._features import Connector
 from kdjax.losses._features import adaptive_avg_pool
 from kdjax.losses._features import attention_map

@@ -1,0 +1,85 @@
+"""Memory-lean LM terms (kdjax/lm/_lean.py) against the full-logit terms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdjax import lm
+from kdjax import losses
+from kdjax import train
+
+V = 300
+STUDENT = lm.TransformerConfig(vocab_size=V, num_layers=1, num_heads=2,
+                               d_model=16, max_len=16)
+TEACHER = lm.TransformerConfig(vocab_size=V + 20, num_layers=1, num_heads=2,
+                               d_model=24, max_len=16)
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"tokens": jnp.asarray(rng.integers(0, V, (4, 16)), jnp.int32),
+          "targets": jnp.asarray(rng.integers(0, V, (4, 16)), jnp.int32),
+          "loss_mask": jnp.asarray(rng.random((4, 16)) > 0.3, jnp.float32)}
+
+
+def test_compute_logits_false_returns_hidden_and_unembedding():
+  variables = lm.init_lm(STUDENT, jax.random.key(0))
+  batch = _batch()
+  full = lm.make_lm_apply(STUDENT)(variables, batch)
+  lean = lm.make_lm_apply(STUDENT, compute_logits=False)(variables, batch)
+  assert lean.logits is None
+  kernel = lean.features["unembedding_kernel"]
+  bias = lean.features["unembedding_bias"]
+  np.testing.assert_allclose(lean.features["hidden"] @ kernel + bias,
+                             full.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_lean_step_equals_full_logit_step(divergence):
+  # SGD, not Adam: Adam turns the rounding noise of exactly-zero gradients
+  # (the attention key bias) into lr-sized updates.
+  opt = optax.sgd(0.1)
+  full_loss = losses.compose([
+      losses.Term("kd", lm.token_kd_term(divergence, vocab_size=V)),
+      losses.Term("ce", lm.token_ce_term(vocab_size=V), needs_teacher=False),
+  ], temperature=2.0)
+  lean_loss = losses.compose([
+      losses.Term("kd", lm.lean_token_kd_term(divergence, vocab_size=V,
+                                              chunk_size=7)),
+      losses.Term("ce", lm.lean_token_ce_term(vocab_size=V, chunk_size=7),
+                  needs_teacher=False),
+  ], temperature=2.0)
+  full_step = lm.make_lm_train_step(
+      lm.make_lm_apply(STUDENT), lm.make_lm_apply(TEACHER), full_loss, opt,
+      donate=False)
+  lean_step = lm.make_lm_train_step(
+      lm.make_lm_apply(STUDENT, compute_logits=False),
+      lm.make_lm_apply(TEACHER, compute_logits=False), lean_loss, opt,
+      donate=False)
+  teacher = lm.init_lm(TEACHER, jax.random.key(1))
+  state_a = state_b = train.create_state(lm.init_lm(STUDENT, jax.random.key(2)),
+                                         opt, rng=jax.random.key(0))
+  for seed in range(3):
+    batch = _batch(seed)
+    state_a, m_a = full_step(state_a, teacher, batch)
+    state_b, m_b = lean_step(state_b, teacher, batch)
+    for key in ("kd", "ce", "loss"):
+      np.testing.assert_allclose(m_b[key], m_a[key], rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(state_a.params),
+                  jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_features_error_names_the_fix():
+  term = lm.lean_token_kd_term()
+  variables = lm.init_lm(STUDENT, jax.random.key(0))
+  out = lm.make_lm_apply(STUDENT)(variables, _batch())
+  inputs = losses.TermInputs(student=out, teacher=out, batch=_batch(),
+                             temperature=1.0, step=0, params=None, state=None,
+                             rng=None, train=True)
+  with pytest.raises(KeyError, match="compute_logits=False"):
+    term(inputs)
