@@ -41,7 +41,6 @@ from kdjax.losses._large_vocab import divergence_from_hidden
 from kdjax.losses._large_vocab import top_k_divergence_from_hidden
 from kdjax.losses._large_vocab import vocab_sharded_divergence_from_hidden
 from kdjax.losses._uld import align_responses
-from kdjax.losses._uld import next_token_cross_entropy
 from kdjax.losses._uld import sorted_probabilities
 from kdjax.losses._uld import sorted_probability_distance
 from kdjax.losses._uld import uld_loss

@@ -67,6 +67,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from kdjax.losses import _divergences
 from kdjax.losses import _utils
 
 AVERAGES = ("sequence", "token")
@@ -327,29 +328,6 @@ def uld_loss(student_logits: chex.Array,
   return _average(per_position, mask, average)
 
 
-def next_token_cross_entropy(logits: chex.Array, targets: chex.Array,
-                             mask: Optional[chex.Array] = None) -> chex.Array:
-  r"""Masked mean next-token cross-entropy :math:`-\frac1N\sum m \log q[y]`.
-
-  Args:
-    logits: ``[..., V]``.
-    targets: integer ``[...]`` in ``[0, V)``.
-    mask: optional ``[...]``; ``N`` is its sum (all positions if ``None``).
-  """
-  shape = jnp.shape(logits)
-  if tuple(jnp.shape(targets)) != tuple(shape[:-1]):
-    raise ValueError(
-        f"targets shape {tuple(jnp.shape(targets))} does not match the "
-        f"logits' leading shape {tuple(shape[:-1])} (logits {shape}).")
-  if not jnp.issubdtype(jnp.asarray(targets).dtype, jnp.integer):
-    raise ValueError(
-        f"targets must be integers, got dtype {jnp.asarray(targets).dtype}.")
-  log_q = jax.nn.log_softmax(_utils.to_float32(logits), axis=-1)
-  nll = -jnp.take_along_axis(log_q, jnp.asarray(targets)[..., None],
-                             axis=-1)[..., 0]
-  return _utils.reduce_loss(nll, mask, "mean")
-
-
 def universal_logit_distillation_parts(student_logits: chex.Array,
                                        student_targets: chex.Array,
                                        student_response_mask: chex.Array,
@@ -369,8 +347,8 @@ def universal_logit_distillation_parts(student_logits: chex.Array,
   2024 (Eq. "L = L_CE + lambda L_ULD"; reference ``DistillationLoss`` with
   ``crossentropy_weight = 1``). Arguments as in :func:`uld_loss`.
   """
-  ce = next_token_cross_entropy(student_logits, student_targets,
-                                student_response_mask)
+  ce = _divergences.hard_label_cross_entropy(
+      student_logits, student_targets, mask=student_response_mask)
   uld = uld_loss(student_logits, student_response_mask, teacher_logits,
                  teacher_response_mask, temperature,
                  teacher_temperature=teacher_temperature, top_k=top_k,
