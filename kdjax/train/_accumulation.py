@@ -77,18 +77,44 @@ def split_micro_batches(batch: Any, k: int) -> Any:
   return jax.tree.map(split, batch)
 
 
+def _weighting_mask(batch: Any, weighting: str,
+                    mask_key: Optional[str]) -> Optional[chex.Array]:
+  """The mask that normalises the losses, or ``None`` for equal weights."""
+  mask = None
+  if (weighting in ("auto", "mask") and mask_key is not None
+      and isinstance(batch, Mapping)):
+    mask = batch.get(mask_key)
+  if mask is None and weighting == "mask":
+    raise KeyError(
+        f"accumulation weighting='mask' needs batch[{mask_key!r}]; keys "
+        f"present: {sorted(batch) if isinstance(batch, Mapping) else '-'}.")
+  return mask
+
+
+def device_weight(batch: Any, weighting: str, mask_key: Optional[str],
+                  axis_name) -> Optional[chex.Array]:
+  """This device's share ``n_d / N`` of a data-parallel batch's token count.
+
+  Under ``pmap``/``shard_map`` each device computes the mean over its own
+  unmasked tokens; the global mean needs ``sum_d (n_d / N) grad_d`` with
+  ``N = psum(n_d)``, not ``pmean(grad_d)`` (which weights a device with few
+  real tokens like one with many). ``None`` when the losses are not
+  normalised by a mask (then ``pmean`` is exact).
+  """
+  mask = _weighting_mask(batch, weighting, mask_key)
+  if mask is None:
+    return None
+  count = jnp.sum(jnp.asarray(mask, jnp.float32))
+  total = jax.lax.psum(count, axis_name)
+  devices = jax.lax.psum(1.0, axis_name)
+  return jnp.where(total > 0, count / jnp.maximum(total, 1e-12), 1.0 / devices)
+
+
 def micro_batch_weights(micro_batches: Any, k: int, weighting: str,
                         mask_key: Optional[str]) -> chex.Array:
   """The ``[k]`` weights ``n_i / N`` of the micro-batches (see module docstring)."""
-  mask = None
-  if (weighting in ("auto", "mask") and mask_key is not None
-      and isinstance(micro_batches, Mapping)):
-    mask = micro_batches.get(mask_key)
+  mask = _weighting_mask(micro_batches, weighting, mask_key)
   if mask is None:
-    if weighting == "mask":
-      raise KeyError(
-          f"accumulation weighting='mask' needs batch[{mask_key!r}]; keys "
-          f"present: {sorted(micro_batches) if isinstance(micro_batches, Mapping) else '-'}.")
     return jnp.full((k,), 1.0 / k, jnp.float32)
   counts = jnp.sum(jnp.asarray(mask, jnp.float32).reshape(k, -1), axis=1)
   total = jnp.sum(counts)

@@ -135,7 +135,9 @@ def build_step_fn(student_apply: ApplyFn,
 
   Also used by ``kdjax.parallel``: ``axis_name`` (a pmap/shard_map axis) makes
   the step average gradients, model state and metrics over that axis
-  (``lax.pmean``) and fold the device index into the dropout RNG;
+  (``lax.pmean``; with a loss mask, gradients and metrics are weighted by each
+  device's share of the unmasked tokens, so the result is the global token
+  mean) and fold the device index into the dropout RNG;
   ``gather_fn(trainable) -> trainable`` is applied to the trainable params
   inside the differentiated function (FSDP: an all-gather as a sharding
   constraint, whose transpose reduce-scatters the gradients).
@@ -229,8 +231,16 @@ def build_step_fn(student_apply: ApplyFn,
       (grads, metrics, model_state, loss_state), _ = jax.lax.scan(
           body, init, (micro_batches, weights, jnp.arange(k)))
     if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-      metrics = jax.lax.pmean(metrics, axis_name)
+      share = _accumulation.device_weight(batch, accumulation_weighting,
+                                          mask_key, axis_name)
+      if share is None:
+        grads = jax.lax.pmean(grads, axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+      else:  # masked token means: weight each device by its real tokens
+        grads = jax.lax.psum(jax.tree.map(lambda g: share * g, grads),
+                             axis_name)
+        metrics = jax.lax.psum(jax.tree.map(lambda m: share * m, metrics),
+                               axis_name)
       model_state = jax.tree.map(
           lambda x: jax.lax.pmean(x, axis_name)
           if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)

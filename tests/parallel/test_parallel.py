@@ -188,3 +188,40 @@ def test_sharded_step_one_device_options():
   bad = jax.tree.map(lambda x: x * np.nan, teacher_vars)
   with pytest.raises(FloatingPointError, match="sharded-teacher"):
     step(state, bad, batch)
+
+
+PMAP_UNEVEN_MASK_CODE = r"""
+import jax, jax.numpy as jnp, numpy as np, optax
+from kdjax import losses, models, parallel, train
+
+student, teacher = models.MLP(hidden=(8,), num_classes=5), models.MLP(hidden=(16,), num_classes=5)
+sa, ta = models.from_linen(student), models.from_linen(teacher)
+x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
+s_vars = student.init(jax.random.key(0), x)
+t_vars = teacher.init(jax.random.key(1), x)
+# Device 0 holds 2 real examples, device 1 one, devices 2-3 none or all.
+mask = jnp.asarray([1, 1, 1, 0, 0, 0, 1, 1], jnp.float32)
+batch = {"image": x, "label": jnp.arange(8) % 5, "mask": mask}
+loss_fn = losses.compose([losses.Term("kd", losses.logit_term(losses.kl_divergence))])
+opt = optax.sgd(1.0)
+state = train.create_state(s_vars, opt, rng=jax.random.key(0))
+ref_state, ref_metrics = train.make_train_step(sa, ta, loss_fn, opt, donate=False)(state, t_vars, batch)
+step = parallel.make_pmap_train_step(sa, ta, loss_fn, opt, donate=False)
+p_state, p_metrics = step(parallel.replicate(state, 4), parallel.replicate(t_vars, 4),
+                          parallel.split_batch(batch, 4))
+p_state = parallel.unreplicate(p_state)
+err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+          zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(p_state.params)))
+assert err < 1e-5, err
+np.testing.assert_allclose(p_metrics["loss"][0], ref_metrics["loss"], rtol=1e-5)
+print("OK", err)
+"""
+
+
+def test_pmap_step_normalises_by_global_token_count():
+  """Uneven masks across devices: the pmap update equals the full-batch one."""
+  proc = subprocess.run(
+      [sys.executable, "-c", PMAP_UNEVEN_MASK_CODE],
+      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
