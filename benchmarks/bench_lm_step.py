@@ -17,6 +17,12 @@ Usage::
 
   python benchmarks/bench_lm_step.py              # the issue's GPU size
   python benchmarks/bench_lm_step.py --small      # CPU-sized smoke run
+  python benchmarks/bench_lm_step.py --large_vocab  # + bench_large_vocab.py
+
+``--large_vocab`` then runs, in the same process, the sections of
+``benchmarks/bench_large_vocab.py`` (the same step at vocab 32000 and 128256:
+full logits vs the memory-lean ``kdjax.lm.lean_token_kd_term``, fused and
+checkpointed; and a loss-only table); with ``--small`` their CPU sizes.
 
 The GPU size is teacher 24 x 1024, student 12 x 768, vocab 32000, sequence
 1024, batch 16. The script prints the JAX backend; a CPU number is a CPU
@@ -37,6 +43,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kdjax import lm  # noqa: E402
 from kdjax import losses  # noqa: E402
@@ -62,12 +69,46 @@ def measured_matmul_peak(n: int, dtype=jnp.bfloat16, repeats: int = 10) -> float
   return 2 * n**3 / best
 
 
+def make_hand_written_step(s_module, t_module, optimizer, temperature=1.0):
+  """The token-KD step written directly with flax + optax (full logits).
+
+  ``step(params, opt_state, teacher_params, batch) -> (params, opt_state,
+  loss)``: bfloat16 compute (explicit casts of float32 master weights),
+  ``T^2 * mean_t KL(p_t || q_t)`` over ``batch["loss_mask"]``, AdamW update.
+  Not jitted.
+  """
+
+  def hand_loss(params, teacher_params, batch):
+    t_logits = t_module.apply(cast(teacher_params, jnp.bfloat16),
+                              batch["tokens"])
+    t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
+    s_logits = s_module.apply(cast(params, jnp.bfloat16), batch["tokens"])
+    s_logits = s_logits.astype(jnp.float32)
+    log_p = jax.nn.log_softmax(t_logits / temperature, -1)
+    log_q = jax.nn.log_softmax(s_logits / temperature, -1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+    mask = batch["loss_mask"]
+    return temperature**2 * jnp.sum(kl * mask) / jnp.sum(mask)
+
+  def hand_step(params, opt_state, teacher_params, batch):
+    loss, grads = jax.value_and_grad(hand_loss)(params, teacher_params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return hand_step
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true",
                       help="CPU-sized models (teacher 4x256, student 2x128).")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--large_vocab", action="store_true",
+                      help="then run benchmarks/bench_large_vocab.py's "
+                           "sections (vocab 32000 and 128256: plain vs "
+                           "memory-lean steps, loss-only table) in this "
+                           "process.")
   args = parser.parse_args()
   if args.small:
     t_cfg = lm.TransformerConfig(vocab_size=512, num_layers=4, num_heads=4,
@@ -112,23 +153,8 @@ def main():
                                 rng=jax.random.key(2))
 
   # Hand-written flax + optax.
-  def hand_loss(params, teacher_params, batch):
-    t_logits = t_module.apply(cast(teacher_params, jnp.bfloat16),
-                              batch["tokens"])
-    t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
-    s_logits = s_module.apply(cast(params, jnp.bfloat16), batch["tokens"])
-    s_logits = s_logits.astype(jnp.float32)
-    log_p = jax.nn.log_softmax(t_logits / temperature, -1)
-    log_q = jax.nn.log_softmax(s_logits / temperature, -1)
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
-    mask = batch["loss_mask"]
-    return temperature**2 * jnp.sum(kl * mask) / jnp.sum(mask)
-
-  def hand_step(params, opt_state, teacher_params, batch):
-    loss, grads = jax.value_and_grad(hand_loss)(params, teacher_params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  hand_step = make_hand_written_step(s_module, t_module, optimizer,
+                                     temperature)
   hand_jit = jax.jit(hand_step, donate_argnums=(0, 1))
   hand_params = jax.tree.map(jnp.copy, student0)
   hand_opt = optimizer.init(hand_params)
@@ -214,6 +240,10 @@ def main():
         f"kdjax / (student step + teacher forward): "
         f"{ms['kdjax'] / (ms['student step'] + ms['teacher forward']):.3f}x")
   print(f"(backend: {backend})")
+  if args.large_vocab:
+    del holder, kd_state, hand_params, hand_opt, st_params, st_opt, teacher
+    import bench_large_vocab  # pylint: disable=import-outside-toplevel
+    bench_large_vocab.run(args.small, "all", args.steps, args.repeats)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,34 @@ def test_missing_features_error_names_the_fix():
                              rng=None, train=True)
   with pytest.raises(KeyError, match="compute_logits=False"):
     term(inputs)
+
+
+def test_bf16_policy_keeps_lean_operands_in_compute_dtype():
+  policy = train.Policy.bf16()
+  variables = lm.init_lm(STUDENT, jax.random.key(0))
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables)
+  lean = lm.make_lm_apply(STUDENT, compute_logits=False)(bf16, _batch())
+  cast = policy.cast_output(lean)
+  assert {k: v.dtype for k, v in cast.features.items()} == {
+      "hidden": jnp.bfloat16, "unembedding_kernel": jnp.bfloat16,
+      "unembedding_bias": jnp.bfloat16}
+  # Ordinary outputs are still cast to float32 for the loss.
+  full = policy.cast_output(lm.make_lm_apply(STUDENT, return_hidden=True)(
+      bf16, _batch()))
+  assert full.logits.dtype == jnp.float32
+  assert full.features["hidden"].dtype == jnp.float32
+  # And the bf16 lean step tracks the bf16 full-logit step.
+  opt = optax.sgd(0.1)
+  state = train.create_state(variables, opt, rng=jax.random.key(0))
+  teacher = lm.init_lm(TEACHER, jax.random.key(1))
+  values = []
+  for apply_kw, term in (({}, lm.token_kd_term(vocab_size=V)),
+                         ({"compute_logits": False},
+                          lm.lean_token_kd_term(vocab_size=V, chunk_size=16))):
+    step = lm.make_lm_train_step(
+        lm.make_lm_apply(STUDENT, **apply_kw),
+        lm.make_lm_apply(TEACHER, **apply_kw),
+        losses.compose([losses.Term("kd", term)]), opt, policy=policy,
+        donate=False)
+    values.append(float(step(state, teacher, _batch())[1]["kd"]))
+  np.testing.assert_allclose(values[1], values[0], rtol=2e-2)
