@@ -32,6 +32,7 @@ number, not a GPU one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -104,6 +105,9 @@ def main():
                       help="CPU-sized models (teacher 4x256, student 2x128).")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--vocab", type=int, default=None,
+                      help="override the vocabulary size of both models "
+                           "(e.g. 32000 with --small: a logit-bound step).")
   parser.add_argument("--large_vocab", action="store_true",
                       help="then run benchmarks/bench_large_vocab.py's "
                            "sections (vocab 32000 and 128256: plain vs "
@@ -124,6 +128,9 @@ def main():
                                  d_model=768, max_len=1024)
     batch_size, seq, matmul_n = 16, 1024, 8192
     steps, repeats = args.steps or 10, args.repeats or 5
+  if args.vocab:
+    t_cfg = dataclasses.replace(t_cfg, vocab_size=args.vocab)
+    s_cfg = dataclasses.replace(s_cfg, vocab_size=args.vocab)
   backend = jax.default_backend()
   print(f"backend: {backend} ({jax.devices()[0].device_kind}); "
         f"teacher {t_cfg.num_layers}x{t_cfg.d_model}, student "
