@@ -171,3 +171,23 @@ def test_online_vs_offline_smoke(env):
   _check_accuracy([top2["accuracy"]["mean"] / 100])
   for s in summary.values():
     assert s["step_ms"] > 0 and s["time_s"] > 0
+
+
+def test_lm_distill_tiny(tmp_path):
+  """The LM experiment end to end at --tiny size (a subprocess, ~25 s)."""
+  import subprocess
+  out = tmp_path / "lm.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, "lm_distill.py"), "--tiny",
+       "--seeds", "0", "--json", str(out)],
+      capture_output=True, text=True, timeout=600, check=False,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())["results"]["0"]
+  for name in ("teacher", "student alone", "token KD", "on-policy GKD"):
+    assert np.isfinite(result[name]["ppl"]) and result[name]["ppl"] > 1.0
+  assert result["teacher"]["kl_to_teacher"] == 0.0
+  # Distillation moves the student towards the teacher even at this size.
+  assert (result["token KD"]["kl_to_teacher"]
+          < result["student alone"]["kl_to_teacher"])
+  assert "held-out ppl" in proc.stdout
