@@ -54,7 +54,10 @@ def lean_token_kd_term(divergence: str = "kl",
                        chunk_size: Optional[int] = None,
                        memory_budget_bytes: int = losses.DEFAULT_MEMORY_BUDGET_BYTES,
                        implementation: str = "fused",
-                       axis_name=None) -> Callable[[TermInputs], chex.Array]:
+                       axis_name=None,
+                       mesh=None,
+                       vocab_axis: str = "model",
+                       token_axis=None) -> Callable[[TermInputs], chex.Array]:
   r"""Token-level KD from hidden states (``kdjax.losses.divergence_from_hidden``).
 
   .. math::
@@ -77,6 +80,11 @@ def lean_token_kd_term(divergence: str = "kl",
     scale_by_temperature: multiply by ``T^2``.
     chunk_size, memory_budget_bytes, implementation, axis_name: see
       ``kdjax.losses.divergence_from_hidden``.
+    mesh, vocab_axis, token_axis: with a ``mesh``, the vocabulary is split
+      over its ``vocab_axis`` and the batch over ``token_axis``
+      (``kdjax.losses.vocab_sharded_divergence_from_hidden``, a
+      ``shard_map`` inside the jitted step): no device ever holds all the
+      vocabulary's logits of a token.
   """
   if divergence not in losses.DIVERGENCES:
     raise ValueError(f"unknown divergence {divergence!r}; expected one of "
@@ -87,10 +95,24 @@ def lean_token_kd_term(divergence: str = "kl",
                  memory_budget_bytes=memory_budget_bytes,
                  implementation=implementation, axis_name=axis_name)
 
+  sharded = dict(vocab_axis=vocab_axis, token_axis=token_axis)
+  if mesh is not None:
+    options.pop("axis_name")
+
   def term(inputs: TermInputs) -> chex.Array:
     mask = None if mask_key is None else inputs.batch.get(mask_key)
     h_s, emb_s = _hidden_and_unembedding(inputs.student, "student")
     cached = getattr(inputs.teacher, "top_k", None)
+    if mesh is not None:
+      if cached is not None:
+        return losses.vocab_sharded_divergence_from_hidden(
+            mesh, h_s, emb_s, temperature=inputs.temperature,
+            teacher_top_k=cached, mask=mask, tail_bucket=tail_bucket,
+            **sharded, **options)
+      h_t, emb_t = _hidden_and_unembedding(inputs.teacher, "teacher")
+      return losses.vocab_sharded_divergence_from_hidden(
+          mesh, h_s, emb_s, h_t, emb_t, inputs.temperature, mask=mask,
+          **sharded, **options)
     if cached is not None:
       return losses.top_k_divergence_from_hidden(
           h_s, emb_s, cached, inputs.temperature, tail_bucket=tail_bucket,
@@ -110,17 +132,27 @@ def lean_token_ce_term(*,
                        chunk_size: Optional[int] = None,
                        memory_budget_bytes: int = losses.DEFAULT_MEMORY_BUDGET_BYTES,
                        implementation: str = "fused",
-                       axis_name=None) -> Callable[[TermInputs], chex.Array]:
+                       axis_name=None,
+                       mesh=None,
+                       vocab_axis: str = "model",
+                       token_axis=None) -> Callable[[TermInputs], chex.Array]:
   """The student's next-token cross-entropy from hidden states (no teacher).
 
   :func:`kdjax.lm.token_ce_term` without full logits
   (``kdjax.losses.cross_entropy_from_hidden``); use in a
-  ``Term(..., needs_teacher=False)``.
+  ``Term(..., needs_teacher=False)``. ``mesh``/``vocab_axis``/``token_axis``
+  as in :func:`lean_token_kd_term`.
   """
 
   def term(inputs: TermInputs) -> chex.Array:
     mask = None if mask_key is None else inputs.batch.get(mask_key)
     h_s, emb_s = _hidden_and_unembedding(inputs.student, "student")
+    if mesh is not None:
+      return losses.vocab_sharded_divergence_from_hidden(
+          mesh, h_s, emb_s, labels=inputs.batch[label_key], mask=mask,
+          vocab_axis=vocab_axis, token_axis=token_axis, vocab_size=vocab_size,
+          chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes,
+          implementation=implementation)
     return losses.cross_entropy_from_hidden(
         h_s, emb_s, inputs.batch[label_key], mask=mask, vocab_size=vocab_size,
         chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes,

@@ -704,6 +704,7 @@ def vocab_sharded_divergence_from_hidden(
     temperature=1.0,
     *,
     teacher_top_k: Optional[_divergences.TopKTeacher] = None,
+    labels: Optional[chex.Array] = None,
     vocab_axis: str = "model",
     token_axis: Union[str, Sequence[str], None] = None,
     mask: Optional[chex.Array] = None,
@@ -724,7 +725,10 @@ def vocab_sharded_divergence_from_hidden(
   Args:
     mesh: the device mesh.
     teacher_hidden, teacher_unembedding: a dense teacher; or
-    teacher_top_k: a :class:`TopKTeacher` with global vocabulary indices.
+    teacher_top_k: a :class:`TopKTeacher` with global vocabulary indices; or
+    labels: ``[B, ...]`` int targets: the student's cross-entropy
+      (:func:`cross_entropy_from_hidden`; ``temperature`` and the divergence
+      options are then unused).
     vocab_axis: mesh axis of the vocabulary; ``V`` must divide evenly (pad the
       vocabulary and pass ``vocab_size`` for the real size).
     token_axis: mesh axis (or axes) of the batch, or ``None``.
@@ -733,7 +737,8 @@ def vocab_sharded_divergence_from_hidden(
       ``"sum"``.
     **kwargs: ``divergence``, ``beta``, ``alpha``, ``tail_bucket`` (top-k),
       ``scale_by_temperature``, ``vocab_size``, ``chunk_size``,
-      ``memory_budget_bytes``, ``implementation``.
+      ``memory_budget_bytes``, ``implementation`` (only the last four with
+      ``labels``).
 
   Returns:
     The scalar loss (replicated).
@@ -742,12 +747,20 @@ def vocab_sharded_divergence_from_hidden(
   if reduction not in ("mean", "sum"):
     raise ValueError(f"reduction must be 'mean' or 'sum' here, got "
                      f"{reduction!r}.")
-  if (teacher_top_k is None) == (teacher_hidden is None):
-    raise ValueError("pass either teacher_hidden and teacher_unembedding or "
-                     "teacher_top_k.")
+  given = [name for name, x in (("teacher_hidden", teacher_hidden),
+                                 ("teacher_top_k", teacher_top_k),
+                                 ("labels", labels)) if x is not None]
+  if len(given) != 1:
+    raise ValueError("pass exactly one of teacher_hidden (with "
+                     "teacher_unembedding), teacher_top_k or labels; got "
+                     f"{given or 'none'}.")
+  kind = {"teacher_hidden": "dense", "teacher_top_k": "top_k",
+          "labels": "labels"}[given[0]]
+  if kind == "dense" and teacher_unembedding is None:
+    raise ValueError("teacher_hidden needs teacher_unembedding.")
   shards = mesh.shape[vocab_axis]
   kernels = [student_unembedding[0]]
-  if teacher_top_k is None:
+  if kind == "dense":
     kernels.append(teacher_unembedding[0])
   for kernel in kernels:
     if jnp.shape(kernel)[-1] % shards:
@@ -763,10 +776,13 @@ def vocab_sharded_divergence_from_hidden(
   student_unembedding = Unembedding(*student_unembedding)
   in_specs = [tok, emb_spec(student_unembedding), tok]
   args = [student_hidden, student_unembedding, mask]
-  if teacher_top_k is None:
+  if kind == "dense":
     teacher_unembedding = Unembedding(*teacher_unembedding)
     in_specs += [tok, emb_spec(teacher_unembedding)]
     args += [teacher_hidden, teacher_unembedding]
+  elif kind == "labels":
+    in_specs.append(tok)
+    args.append(jnp.asarray(labels, jnp.int32))
   else:
     # The temperature check needs the stored (scalar) temperature: run it
     # here; the per-token arrays are split along the batch.
@@ -781,11 +797,15 @@ def vocab_sharded_divergence_from_hidden(
   def local(*local_args):
     h_s, emb_s, m = local_args[:3]
     t = local_args[-1]
-    if teacher_top_k is None:
+    if kind == "dense":
       h_t, emb_t = local_args[3:5]
       total = divergence_from_hidden(h_s, emb_s, h_t, emb_t, t, mask=m,
                                      reduction="sum", axis_name=vocab_axis,
                                      **kwargs)
+    elif kind == "labels":
+      total = cross_entropy_from_hidden(h_s, emb_s, local_args[3], mask=m,
+                                        reduction="sum", axis_name=vocab_axis,
+                                        **kwargs)
     else:
       total = top_k_divergence_from_hidden(h_s, emb_s, local_args[3], t,
                                            mask=m, reduction="sum",

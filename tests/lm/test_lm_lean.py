@@ -114,3 +114,40 @@ def test_bf16_policy_keeps_lean_operands_in_compute_dtype():
         donate=False)
     values.append(float(step(state, teacher, _batch())[1]["kd"]))
   np.testing.assert_allclose(values[1], values[0], rtol=2e-2)
+
+
+SHARDED_STEP_CODE = r"""
+import jax, jax.numpy as jnp, numpy as np, optax
+from kdjax import lm, losses, parallel, train
+
+V, ROWS = 300, 320   # tokenizer size; rows padded to a multiple of 4 devices
+s_cfg = lm.TransformerConfig(vocab_size=ROWS, num_layers=1, num_heads=2, d_model=16, max_len=16)
+t_cfg = lm.TransformerConfig(vocab_size=ROWS, num_layers=1, num_heads=2, d_model=24, max_len=16)
+rng = np.random.default_rng(0)
+batch = {"tokens": jnp.asarray(rng.integers(0, V, (4, 16)), jnp.int32),
+         "targets": jnp.asarray(rng.integers(0, V, (4, 16)), jnp.int32),
+         "loss_mask": jnp.asarray(rng.random((4, 16)) > 0.3, jnp.float32)}
+mesh = parallel.make_mesh({"data": 2, "model": 4})
+opt = optax.sgd(0.1)
+teacher = lm.init_lm(t_cfg, jax.random.key(1))
+state = train.create_state(lm.init_lm(s_cfg, jax.random.key(2)), opt, rng=jax.random.key(0))
+results = []
+for kw in ({}, {"mesh": mesh, "token_axis": "data"}):
+  loss = losses.compose([
+      losses.Term("kd", lm.lean_token_kd_term("jsd", vocab_size=V, chunk_size=8, **kw)),
+      losses.Term("ce", lm.lean_token_ce_term(vocab_size=V, chunk_size=8, **kw), needs_teacher=False)],
+      temperature=2.0)
+  step = lm.make_lm_train_step(lm.make_lm_apply(s_cfg, compute_logits=False),
+                               lm.make_lm_apply(t_cfg, compute_logits=False), loss, opt, donate=False)
+  results.append(step(state, teacher, batch))
+(a, ma), (b, mb) = results
+for key in ("kd", "ce"):
+  np.testing.assert_allclose(mb[key], ma[key], rtol=1e-5)
+err = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+assert err < 1e-5, err
+print("OK", err)
+"""
+
+
+def test_vocab_sharded_lean_step_equals_unsharded(subprocess_runner):
+  assert "OK" in subprocess_runner(SHARDED_STEP_CODE, devices=8)

@@ -328,6 +328,13 @@ check(lambda h, w, b: losses.vocab_sharded_divergence_from_hidden(
           teacher_top_k=top, mask=mask, token_axis="data", chunk_size=3),
       lambda h, w, b: losses.top_k_divergence(h @ w + b, top, 2.0, mask=mask))
 
+labels = jnp.asarray(rng.integers(0, 13, (B, T)), jnp.int32)
+check(lambda h, w, b: losses.vocab_sharded_divergence_from_hidden(
+          mesh, h, losses.Unembedding(w, b), labels=labels, mask=mask,
+          token_axis="data", vocab_size=13, chunk_size=3),
+      lambda h, w, b: losses.hard_label_cross_entropy((h @ w + b)[..., :13],
+                                                      labels, mask=mask))
+
 # Replicated tokens (no data axis) with the vocabulary over all 8 devices.
 mesh8 = make_mesh({"model": 8})
 check(lambda h, w, b: losses.vocab_sharded_divergence_from_hidden(
