@@ -99,6 +99,8 @@ def dkd(student_logits: chex.Array,
   References:
     Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022.
   """
+  _utils.check_non_negative(alpha, "DKD alpha")
+  _utils.check_non_negative(beta, "DKD beta")
   tckd, nckd = dkd_terms(student_logits, teacher_logits, labels,
                          temperature=temperature)
   return _utils.reduce_loss(alpha * tckd + beta * nckd, mask, reduction)

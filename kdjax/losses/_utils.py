@@ -43,6 +43,13 @@ def check_unit_interval(value: Scalar, name: str) -> None:
     raise ValueError(f"{name} must lie in [0, 1], got {value!r}.")
 
 
+def check_non_negative(value: Scalar, name: str) -> None:
+  concrete = _concrete_value(value)
+  if concrete is not None and np.any(~(concrete >= 0)):
+    raise ValueError(f"{name} must be >= 0, got {value!r} (a negative weight "
+                     "would maximise the divergence).")
+
+
 def check_reduction(reduction: str) -> None:
   if reduction not in REDUCTIONS:
     raise ValueError(

@@ -320,5 +320,9 @@ def test_errors():
     losses.dkd_terms(s, t, y[:, None])
   with pytest.raises(ValueError, match="labels must be integers"):
     losses.dkd(s, t, y.astype(np.float32))
+  with pytest.raises(ValueError, match="DKD alpha must be >= 0"):
+    losses.dkd(s, t, y, alpha=-1.0)
+  with pytest.raises(ValueError, match="DKD beta must be >= 0"):
+    losses.dkd(s, t, y, beta=-8.0)
   with pytest.raises(ValueError, match="at least 2 classes"):
     losses.dkd(s[:, :1], t[:, :1], np.zeros(4, np.int32))
