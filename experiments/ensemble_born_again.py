@@ -36,7 +36,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +46,9 @@ from kdjax import models  # noqa: E402  pylint: disable=g-import-not-at-top
 from kdjax import train  # noqa: E402  pylint: disable=g-import-not-at-top
 
 NAME = "ensemble_born_again"
-STACKED = "teacher_logits"          # what kdjax.losses.multi_teacher_term reads
-STACKED_BATCH_MAJOR = "teacher_logits_bmc"  # [B, M, C]: cacheable (example axis first)
+# The ensemble's stacked [M, B, C] logits (what kdjax.losses.multi_teacher_term
+# reads); the cache stores them example-major and gives them back as [M, B, C].
+STACKED = "teacher_logits"
 
 REAL = {"seeds": [0, 1, 2], "teacher_epochs": 3, "full_epochs": 15,
         "subset_size": 1800, "subset_epochs": 100, "full_size": 0,
@@ -68,28 +68,6 @@ def teacher_configs(args) -> list:
   return [dict(arch="cnn", sizes=(32, 64), dense=256, epochs=e, seed=0),
           dict(arch="cnn", sizes=(16, 32), dense=128, epochs=e, seed=1),
           dict(arch="mlp", sizes=(512, 256), dense=0, epochs=e + 2, seed=2)]
-
-
-def batch_major(ensemble):
-  """The ensemble's output with its stacked logits as ``[B, M, C]`` (a cacheable feature)."""
-
-  def apply(variables, batch, *, train=False, rng=None):
-    out = ensemble(variables, batch, train=train, rng=rng)
-    return out.replace(features={
-        STACKED_BATCH_MAJOR: jnp.moveaxis(out.features[STACKED], 0, 1)})
-
-  return apply
-
-
-def from_batch_major(cached_apply):
-  """A cache's apply function with the ``[B, M, C]`` feature moved back to ``[M, B, C]``."""
-
-  def apply(variables, batch, *, train=False, rng=None):
-    out = cached_apply(variables, batch, train=train, rng=rng)
-    return out.replace(features={
-        STACKED: jnp.moveaxis(out.features[STACKED_BATCH_MAJOR], 1, 0)})
-
-  return apply
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -159,15 +137,14 @@ def run(args, argv) -> dict:
         best_cache = common.build_cache(args.workdir, f"{NAME}_best_{size}",
                                         best, arrays)
         ens_cache = common.build_cache(
-            args.workdir, f"{NAME}_ensemble_{size}",
-            {"apply": batch_major(ensemble), "variables": ens_vars}, arrays,
-            feature_names=(STACKED_BATCH_MAJOR,))
+            args.workdir, f"{NAME}_ensemble_{size}", ens_teacher, arrays,
+            feature_names=(STACKED,))
       configs = [
           ("student alone", common.CE_ONLY, best_cache, None, best),
           (f"KD from the best teacher ({best['name']})", kd_loss, best_cache,
            best_cache.teacher_apply(), best),
           ("KD from the ensemble of 3", ens_loss, ens_cache,
-           from_batch_major(ens_cache.teacher_apply()), ens_teacher)]
+           ens_cache.teacher_apply(), ens_teacher)]
       for name, loss_fn, tc, t_apply, agree_with in configs:
         runner = common.StudentRunner(
             student, student_apply, loss_fn, tc, epochs=epochs,

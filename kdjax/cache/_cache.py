@@ -7,8 +7,8 @@ Format (a directory)::
   <path>/shard-00001.npz
   ...
 
-Each shard holds a contiguous run of examples, in dataset order, with the
-arrays (leading axis = examples):
+Each shard holds a contiguous run of examples, in dataset order, with every
+array stored example-major (axis 0 = examples):
 
 * ``example/<key>``: the dataset's own arrays (``image``, ``label``, ...),
   stored next to the teacher's outputs so that a batch of the cache is a
@@ -20,12 +20,22 @@ arrays (leading axis = examples):
   :func:`kdjax.losses.top_k_teacher` computes them);
 * ``teacher/features/<name>``: named intermediate features (float32).
 
+A teacher output whose examples lie on another axis is moved to example-major
+order when it is stored, and moved back when it is read (``load``,
+``batches``, and so the cache's ``teacher_apply``), so training sees exactly
+the teacher's own layout. The stacked ``[M, B, C]`` logits of
+:func:`kdjax.models.ensemble_apply` (feature ``"teacher_logits"``, what
+:func:`kdjax.losses.multi_teacher_term` reads) are stored ``[n, M, C]`` with
+original axis 1; other layouts are named with
+``build_teacher_cache(..., example_axes={name: axis})``.
+
 ``manifest.json``::
 
-  {"format": "kdjax.teacher_cache", "version": 1,
+  {"format": "kdjax.teacher_cache", "version": 1 | 2,
    "num_examples": N, "num_classes": C, "k": k | null, "temperature": T,
    "mode": "full" | "top_k", "feature_names": [...], "teacher_name": "...",
    "example_keys": {key: {"shape": [...], "dtype": "..."}},
+   "example_axes": {"teacher/features/teacher_logits": 1, <array key>: 0, ...},
    "fingerprint": {"teacher": "sha256:...", "dataset": "sha256:..." | "<name>",
                    "k": k, "temperature": T, "combined": "sha256:..."},
    "shards": [{"file": "shard-00000.npz", "start": 0, "num_examples": n}, ...]}
@@ -33,7 +43,12 @@ arrays (leading axis = examples):
 The teacher fingerprint is the SHA-256 of its variables (paths, dtypes, shapes,
 bytes); the dataset's, of the example arrays in order (or a name given by the
 user). Opening a cache with the wrong teacher, dataset or ``k`` raises
-:class:`CacheMismatchError`.
+:class:`CacheMismatchError`. ``example_axes`` gives, for every stored array,
+the axis that holds the examples in the teacher's own layout; a cache without
+it (written before it existed) has axis 0 everywhere. A cache with a non-zero
+axis is written as version 2, so that a reader that does not know
+``example_axes`` refuses it instead of reading the arrays in the wrong
+layout; one without, as version 1.
 
 Training from the cache needs no teacher in memory: ``cache.teacher_apply()``
 is an apply function that reads the teacher's outputs from
@@ -63,11 +78,13 @@ import numpy as np
 from kdjax.cache import _fingerprint
 from kdjax.losses import TopKTeacher
 from kdjax.losses import top_k_teacher
+from kdjax.losses._ensemble import TEACHER_LOGITS_KEY
 from kdjax.train._step import READS_TEACHER_FROM_BATCH
 from kdjax.train._step import teacher_forward
 
 FORMAT = "kdjax.teacher_cache"
-VERSION = 1
+VERSION = 2              # written when an array's example axis is not 0
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 TEACHER_KEY = "teacher"
 
@@ -129,7 +146,9 @@ def cached_teacher_apply(*, num_classes: int, temperature: float = 1.0,
 
   ``batch[key]`` is ``{"logits": [B, C]}`` or ``{"values", "indices",
   "logsumexp"}`` (``[B, k]``, ``[B, k]``, ``[B]``), plus an optional
-  ``"features": {name: array}``. The ``variables`` argument is ignored.
+  ``"features": {name: array}``, each in the teacher's own layout (as
+  :meth:`TeacherCache.batches` yields them: e.g. ``[M, B, C]`` for the
+  ``"teacher_logits"`` of an ensemble). The ``variables`` argument is ignored.
   """
 
   def apply(variables, batch, *, train: bool = False, rng=None):
@@ -173,6 +192,82 @@ def _teacher_entries(out, k: Optional[int], temperature: float,
   return entries
 
 
+def _logit_entry_keys(k: Optional[int]) -> tuple[str, ...]:
+  return ("logits",) if k is None else ("values", "indices", "logsumexp")
+
+
+def _resolve_example_axes(example_axes: Optional[Mapping[str, int]],
+                          out_shape: Any, k: Optional[int],
+                          feature_names: Sequence[str]) -> dict[str, int]:
+  """``{entry key: non-negative example axis}`` of the teacher's stored outputs.
+
+  ``example_axes`` maps ``"logits"`` or a stored feature's name to the axis
+  (negative counts from the end) that holds the examples; the feature
+  ``"teacher_logits"`` defaults to axis 1 when it has one more axis than the
+  teacher's logits (the ``[M, ..., C]`` stack of
+  :func:`kdjax.models.ensemble_apply`), every other array to axis 0.
+  ``out_shape`` is the teacher's output as ``jax.eval_shape`` gives it.
+  """
+  given = dict(example_axes or {})
+  allowed = ("logits",) + tuple(feature_names)
+  for name in given:
+    if name not in allowed:
+      raise ValueError(
+          f"example_axes names {name!r}, which the cache does not store; it "
+          f"stores 'logits' and the features {list(feature_names)}.")
+  logits_ndim = len(out_shape.logits.shape)
+  features = dict(getattr(out_shape, "features", None) or {})
+  axes = {}
+  for name in allowed:
+    if name == "logits":
+      ndim, what = logits_ndim, "the teacher's logits"
+      # The class axis (last) cannot hold the examples.
+      limit = ndim - 1
+    elif name in features:
+      ndim, what = len(features[name].shape), f"the feature {name!r}"
+      limit = ndim
+    else:
+      continue  # a missing feature: the forward pass raises a KeyError.
+    if name in given:
+      axis = given[name]
+      if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"example_axes[{name!r}] must be an int, got "
+                         f"{axis!r}.")
+      axis = int(axis)
+    elif name == TEACHER_LOGITS_KEY and ndim == logits_ndim + 1:
+      axis = 1  # ensemble_apply's [M, ..., C] stack.
+    else:
+      axis = 0
+    shape = (tuple(out_shape.logits.shape) if name == "logits"
+             else tuple(features[name].shape))
+    normalized = axis + ndim if axis < 0 else axis
+    if not 0 <= normalized < limit:
+      raise ValueError(
+          f"example_axes[{name!r}] = {axis} is out of range for {what} of "
+          f"shape {shape} ({ndim} axes"
+          + ("; the last one holds the classes" if name == "logits" else "")
+          + f"): the example axis must lie in [{-ndim}, {limit - 1}].")
+    keys = (_logit_entry_keys(k) if name == "logits"
+            else (f"features/{name}",))
+    for key in keys:
+      axes[key] = normalized
+  return axes
+
+
+def _example_major(key: str, value: np.ndarray, axis: int, size: int,
+                   teacher_name: str) -> np.ndarray:
+  """``value`` with its example axis moved first (checked to hold ``size`` examples)."""
+  if value.ndim <= axis or value.shape[axis] != size:
+    name = key[len("features/"):] if key.startswith("features/") else "logits"
+    raise ValueError(
+        f"the teacher {teacher_name!r} output {key!r} has shape "
+        f"{tuple(value.shape)}: its example axis {axis} does not hold the "
+        f"batch's {size} examples. Name the axis that does with "
+        f"build_teacher_cache(..., example_axes={{{name!r}: axis}}).")
+  return value if axis == 0 else np.ascontiguousarray(
+      np.moveaxis(value, axis, 0))
+
+
 def _iter_dataset(dataset, batch_size: int) -> Iterator[dict]:
   if isinstance(dataset, Mapping):
     arrays = {k: np.asarray(v) for k, v in dataset.items()}
@@ -205,6 +300,7 @@ def build_teacher_cache(path: str,
                         k: Optional[int] = None,
                         temperature: float = 1.0,
                         feature_names: Sequence[str] = (),
+                        example_axes: Optional[Mapping[str, int]] = None,
                         batch_size: int = 256,
                         examples_per_shard: int = 16384,
                         dataset_fingerprint: Optional[str] = None,
@@ -229,6 +325,16 @@ def build_teacher_cache(path: str,
       the training loss must use the same temperature for the tail bucket.
     feature_names: teacher features to store (their adapter must capture
       them).
+    example_axes: ``{name: axis}`` for ``"logits"`` or a stored feature
+      whose examples are not on axis 0 (negative axes count from the end).
+      The array is stored with that axis moved first and read back in its
+      original layout. The feature ``"teacher_logits"`` defaults to axis 1
+      when it has one more axis than the teacher's logits (the stacked
+      ``[M, B, C]`` of :func:`kdjax.models.ensemble_apply`, read by
+      :func:`kdjax.losses.multi_teacher_term`); give
+      ``{"teacher_logits": 0}`` for a ``[B, M, C]`` one. Every array's
+      example axis must hold the batch's examples (a ``ValueError`` names
+      the array otherwise).
     batch_size: teacher batch size (the last batch is padded, so one
       compilation serves all).
     examples_per_shard: examples per ``.npz`` shard.
@@ -242,6 +348,10 @@ def build_teacher_cache(path: str,
 
   Returns:
     The :class:`TeacherCache`.
+
+  Raises:
+    ValueError: a bad ``k``, ``batch_size`` or ``example_axes`` (an unknown
+      name, or an axis out of range for the named array).
   """
   if os.path.exists(os.path.join(path, MANIFEST)) and not overwrite:
     raise FileExistsError(
@@ -273,7 +383,7 @@ def build_teacher_cache(path: str,
     else:
       digest = hashlib.sha256()
   shards, pending, pending_n, total, num_classes = [], [], 0, 0, None
-  example_keys = None
+  example_keys, axes, teacher_keys = None, None, ()
 
   def flush():
     nonlocal pending, pending_n
@@ -298,14 +408,21 @@ def build_teacher_cache(path: str,
     padded, n = _pad(batch, max(padded_size,
                                 next(iter(batch.values())).shape[0]))
     if num_classes is None:
-      num_classes = int(jax.eval_shape(
+      out_shape = jax.eval_shape(
           lambda v, b: teacher_forward(teacher_apply, v, b, policy=policy),
-          teacher_variables, padded).logits.shape[-1])
+          teacher_variables, padded)
+      num_classes = int(out_shape.logits.shape[-1])
       if k is not None and k > num_classes:
         raise ValueError(f"k={k} exceeds the teacher's {num_classes} classes "
                          "(k must lie in [1, num_classes]).")
+      axes = _resolve_example_axes(example_axes, out_shape, k, feature_names)
+    padded_n = next(iter(padded.values())).shape[0]
     entries = jax.device_get(forward(teacher_variables, padded))
-    entries = {key: np.asarray(v)[:n] for key, v in entries.items()}
+    # Example-major (the example axis moved first), then the padding cut off.
+    entries = {key: _example_major(key, np.asarray(v), axes.get(key, 0),
+                                   padded_n, teacher_name)[:n]
+               for key, v in entries.items()}
+    teacher_keys = tuple(entries)
     if check_finite:
       for key, v in entries.items():
         if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
@@ -327,13 +444,20 @@ def build_teacher_cache(path: str,
   fingerprint = {"teacher": teacher_fp, "dataset": dataset_fp, "k": k,
                  "temperature": float(temperature)}
   fingerprint["combined"] = _fingerprint.combine_fingerprints(**fingerprint)
+  stored_axes = {f"example/{key}": 0 for key in example_keys}
+  stored_axes.update({f"teacher/{key}": axes.get(key, 0)
+                      for key in teacher_keys})
   manifest = {
-      "format": FORMAT, "version": VERSION, "num_examples": total,
+      "format": FORMAT,
+      # Version 1 (readable by a kdjax without example_axes) unless an array
+      # is stored with a moved axis.
+      "version": VERSION if any(stored_axes.values()) else 1,
+      "num_examples": total,
       "num_classes": num_classes, "k": k, "temperature": float(temperature),
       "mode": "full" if k is None else "top_k",
       "feature_names": list(feature_names), "teacher_name": teacher_name,
-      "example_keys": example_keys, "fingerprint": fingerprint,
-      "shards": shards,
+      "example_keys": example_keys, "example_axes": stored_axes,
+      "fingerprint": fingerprint, "shards": shards,
   }
   fd, tmp = tempfile.mkstemp(dir=path, suffix=".json")
   with os.fdopen(fd, "w") as f:
@@ -362,6 +486,15 @@ class TeacherCache:
   temperature = property(lambda self: self.manifest["temperature"])
   feature_names = property(lambda self: tuple(self.manifest["feature_names"]))
   fingerprint = property(lambda self: dict(self.manifest["fingerprint"]))
+
+  @property
+  def example_axes(self) -> dict[str, int]:
+    """``{array key: axis}``: where each array's examples lie in the teacher's layout.
+
+    An array not named (every array of a cache written before this existed)
+    has its examples on axis 0.
+    """
+    return dict(self.manifest.get("example_axes") or {})
 
   def verify(self, *, teacher_variables: Any = None,
              dataset: Any = None,
@@ -403,8 +536,32 @@ class TeacherCache:
           f"teacher cache at {self.path!r} does not match: "
           + "; ".join(problems) + ". Rebuild it with build_teacher_cache(...).")
 
-  def load(self) -> dict:
-    """Every shard, concatenated: ``{"example/...": [N, ...], "teacher/...": ...}``."""
+  def _to_layout(self, key: str, value: np.ndarray) -> np.ndarray:
+    """An example-major array moved back to the teacher's layout."""
+    axis = (self.manifest.get("example_axes") or {}).get(key, 0)
+    if axis == 0:
+      return value
+    if axis >= value.ndim:
+      raise ValueError(
+          f"teacher cache at {self.path!r} is corrupt: the manifest puts the "
+          f"examples of {key!r} on axis {axis}, but the array has only "
+          f"{value.ndim} axes (shape {tuple(value.shape)}).")
+    return np.moveaxis(value, 0, axis)
+
+  def load(self, *, example_major: bool = False) -> dict:
+    """Every shard, concatenated: ``{"example/...": [N, ...], "teacher/...": ...}``.
+
+    Each array is in the teacher's own layout (e.g. the ensemble's
+    ``"teacher/features/teacher_logits"`` as ``[M, N, C]``: see
+    :attr:`example_axes`), or, with ``example_major=True``, as stored, with
+    the examples on axis 0 (index it by rows; :meth:`take` does both).
+    """
+    arrays = self._load_example_major()
+    if example_major:
+      return arrays
+    return {key: self._to_layout(key, v) for key, v in arrays.items()}
+
+  def _load_example_major(self) -> dict:
     if self._arrays is None:
       parts = []
       for shard in self.manifest["shards"]:
@@ -433,6 +590,22 @@ class TeacherCache:
     batch[TEACHER_KEY] = teacher
     return batch
 
+  def take(self, indices: Any) -> dict:
+    """The examples ``indices`` (ints, in that order) as one training batch.
+
+    ``{**examples, "teacher": {"logits" | "values", "indices", "logsumexp",
+    "features": {...}}}`` (NumPy), every array in the teacher's own layout
+    with ``len(indices)`` examples on its example axis (what
+    :meth:`teacher_apply` reads).
+    """
+    idx = np.asarray(indices)
+    arrays = self._load_example_major()
+    out = {}
+    for key, v in arrays.items():
+      part = self._to_layout(key, v[idx])
+      out[key] = part if part.flags.c_contiguous else np.ascontiguousarray(part)
+    return self._nest(out)
+
   def batches(self, batch_size: int, *,
               shuffle: bool = False,
               seed: int = 0,
@@ -442,6 +615,8 @@ class TeacherCache:
               process_count: Optional[int] = None) -> Iterator[dict]:
     """Yields training batches ``{**examples, "teacher": {...}}`` (NumPy).
 
+    Every array is in the teacher's own layout (see :meth:`take`).
+
     Args:
       batch_size: the *global* batch size.
       shuffle: permute the examples (by ``seed`` and ``epoch``).
@@ -450,7 +625,7 @@ class TeacherCache:
         process's contiguous block of each global batch (feed it to
         ``kdjax.parallel.global_batch``).
     """
-    arrays = self.load()
+    self._load_example_major()
     n = self.num_examples
     order = np.arange(n)
     if shuffle:
@@ -465,7 +640,7 @@ class TeacherCache:
     for start in range(0, stop, batch_size):
       idx = order[start:start + batch_size]
       idx = idx[index * local:(index + 1) * local] if count > 1 else idx
-      yield self._nest({key: v[idx] for key, v in arrays.items()})
+      yield self.take(idx)
 
   def teacher_apply(self, key: str = TEACHER_KEY):
     """The apply function reading this cache's teacher outputs from ``batch[key]``."""
@@ -501,9 +676,18 @@ def open_teacher_cache(path: str, *,
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{manifest_path} is not a kdjax teacher cache "
                      f"(format {manifest.get('format')!r}).")
-  if manifest.get("version") != VERSION:
+  if manifest.get("version") not in SUPPORTED_VERSIONS:
     raise ValueError(f"teacher cache version {manifest.get('version')} is not "
-                     f"supported (this kdjax reads version {VERSION}).")
+                     f"supported (this kdjax reads versions "
+                     f"{list(SUPPORTED_VERSIONS)}).")
+  axes = manifest.get("example_axes")  # absent (version 1): axis 0 for all.
+  valid = isinstance(axes, dict) and all(
+      isinstance(key, str) and isinstance(a, int) and not isinstance(a, bool)
+      and a >= 0 for key, a in axes.items())
+  if axes is not None and not valid:
+    raise ValueError(
+        f"{manifest_path} is corrupt: 'example_axes' must map array keys to "
+        f"non-negative ints, got {axes!r}.")
   cache = TeacherCache(path, manifest)
   cache.verify(teacher_variables=teacher_variables, dataset=dataset,
                dataset_fingerprint=dataset_fingerprint, k=k,

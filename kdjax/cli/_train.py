@@ -199,10 +199,8 @@ class CachedBatches:
 
   def __init__(self, pipeline, cache):
     self._pipeline = pipeline
-    arrays = cache.load()
-    self._labels = arrays["example/label"]
-    self._teacher = {k[len("teacher/"):]: v for k, v in arrays.items()
-                     if k.startswith("teacher/")}
+    self._cache = cache
+    self._labels = cache.load(example_major=True)["example/label"]
 
   def _attach(self, batch: dict) -> dict:
     rows = batch["index"]
@@ -211,15 +209,8 @@ class CachedBatches:
       raise CacheMismatchError(
           "the teacher cache's labels differ from the training data's: the "
           "cache was built from other data; rebuild it.")
-    teacher, features = {}, {}
-    for key, value in self._teacher.items():
-      if key.startswith("features/"):
-        features[key[len("features/"):]] = value[rows]
-      else:
-        teacher[key] = value[rows]
-    if features:
-      teacher["features"] = features
-    return {**batch, "teacher": teacher}
+    # take() returns the teacher's own layout (e.g. an ensemble's [M, B, C]).
+    return {**batch, "teacher": self._cache.take(rows)["teacher"]}
 
   def __iter__(self):
     return self
