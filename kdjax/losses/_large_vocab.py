@@ -32,7 +32,11 @@ Implementations (``implementation=``; BUILD_NOTES.md compares them)
   matmuls) runs exactly once, as in the plain step, so the time stays that of
   the plain step while the peak memory drops from ``O(N V)`` to
   ``O(C V + D_s V)``. (Liger-Kernel's fused linear JSD uses the same idea in
-  Triton.) Scalar results only (``reduction="mean"`` or ``"sum"``).
+  Triton.) Scalar results only (``reduction="mean"`` or ``"sum"``). Reverse
+  mode only: ``jax.jvp``/``jacfwd`` of a ``custom_vjp`` are undefined (use
+  ``"checkpointed"`` for forward mode); ``grad`` of ``grad`` works. Gradients
+  w.r.t. a traced temperature, beta, alpha or float mask weights are computed
+  only when asked for (``symbolic_zeros``), so they cost nothing otherwise.
 ``"checkpointed"``
   ``lax.scan`` over chunks of a ``jax.checkpoint``-ed per-chunk loss: the
   straightforward fix. Same memory bound, but the backward pass recomputes
@@ -141,6 +145,8 @@ class _Config:
   hidden_axes: frozenset = frozenset()
   kernel_axes: frozenset = frozenset()
   bias_axes: frozenset = frozenset()
+  weight_axes: frozenset = frozenset()
+  scalar_axes: frozenset = frozenset()
 
 
 def _matmul_logits(hidden: chex.Array, kernel: chex.Array,
@@ -185,17 +191,36 @@ def _gather_columns(cfg: _Config, log_q: chex.Array, indices: chex.Array,
   inside = (local >= 0) & (local < log_q.shape[-1])
   picked = jnp.take_along_axis(log_q, jnp.clip(local, 0, log_q.shape[-1] - 1),
                                axis=-1)
-  return jax.lax.psum(jnp.where(inside, picked, 0.0), cfg.axis_name)
+  picked = jax.lax.psum(jnp.where(inside, picked, 0.0), cfg.axis_name)
+  # An index no shard holds, or a padded column, is an error: NaN, as the
+  # unsharded gather gives (never a silent 0 or -1e30 log-probability).
+  found = jax.lax.psum(inside.astype(jnp.float32), cfg.axis_name) > 0
+  if cfg.vocab_size is not None:
+    found = found & (indices < cfg.vocab_size)
+  return jnp.where(found, picked, jnp.nan)
+
+
+def _teacher_logits(cfg: _Config, teacher_chunk, teacher_consts):
+  """The teacher's chunk logits (dense teacher) or its cached chunk as is."""
+  if cfg.teacher_kind != "dense":
+    return teacher_chunk
+  kernel, bias = teacher_consts
+  return _matmul_logits(teacher_chunk, kernel, bias)
+
+
+def _teacher_log_probs(cfg: _Config, teacher, scalars, offset):
+  """What :func:`_per_position` needs from the teacher at this temperature."""
+  if cfg.teacher_kind != "dense":
+    return teacher
+  return _log_softmax(cfg, teacher, scalars["temperature"], offset)
 
 
 def _teacher_side(cfg: _Config, teacher_chunk, teacher_consts, scalars,
                   offset):
   """What the per-chunk loss needs from the teacher (no gradient)."""
-  if cfg.teacher_kind != "dense":
-    return teacher_chunk
-  kernel, bias = teacher_consts
-  z_t = _matmul_logits(teacher_chunk, kernel, bias)
-  return _log_softmax(cfg, z_t, scalars["temperature"], offset)
+  return _teacher_log_probs(
+      cfg, _teacher_logits(cfg, teacher_chunk, teacher_consts), scalars,
+      offset)
 
 
 def _per_position(cfg: _Config, z_s: chex.Array, teacher, scalars,
@@ -291,8 +316,14 @@ def _vary(x: chex.Array, axes: frozenset) -> chex.Array:
 
 
 def _fused_forward(cfg, hidden, kernel, bias, teacher_chunks, teacher_consts,
-                   weights, scalars):
-  """Loss sum and its gradients w.r.t. hidden, kernel and bias, in one pass."""
+                   weights, scalars, *, scalar_grads: bool = False,
+                   weight_grads: bool = False):
+  """Loss sum and its gradients w.r.t. hidden, kernel and bias, in one pass.
+
+  With ``scalar_grads`` also the gradient w.r.t. the traced temperature /
+  beta / alpha (the teacher's softmax is then differentiated too), with
+  ``weight_grads`` the per-position values (the gradient w.r.t. the weights).
+  """
   offset = _column_offset(cfg, kernel.shape[-1])
   compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
   # Inside shard_map, scan carries must start with the mesh axes their
@@ -305,20 +336,35 @@ def _fused_forward(cfg, hidden, kernel, bias, teacher_chunks, teacher_consts,
   d_kernel0 = _vary(jnp.zeros(kernel.shape, jnp.float32), everything)
   d_bias0 = None if bias is None else _vary(
       jnp.zeros(bias.shape, jnp.float32), everything)
+  d_scalars0 = None
+  if scalar_grads:
+    d_scalars0 = {k: _vary(jnp.zeros((), jnp.float32), everything - vocab_axes)
+                  for k in scalars}
 
   def body(carry, xs):
-    total, d_kernel, d_bias = carry
+    total, d_kernel, d_bias, d_scalars = carry
     h, teacher_chunk, w = xs
     z_s = _matmul_logits(h, kernel, bias)
-    teacher = _teacher_side(cfg, teacher_chunk, teacher_consts, scalars,
-                            offset)
+    z_t = _teacher_logits(cfg, teacher_chunk, teacher_consts)
 
-    def chunk_sum(z):
-      return jnp.sum(_weighted(_per_position(cfg, z, teacher, scalars, offset),
-                               w))
+    def chunk_sum(z, sc):
+      per = _per_position(cfg, z, _teacher_log_probs(cfg, z_t, sc, offset), sc,
+                          offset)
+      return jnp.sum(_weighted(per, w)), per
 
-    value, pullback = jax.vjp(chunk_sum, z_s)
-    (g,) = pullback(jnp.ones_like(value))
+    if scalar_grads:
+      value, pullback, per = jax.vjp(chunk_sum, z_s, scalars, has_aux=True)
+      g, d_sc = pullback(jnp.ones_like(value))
+      d_scalars = jax.tree.map(jnp.add, d_scalars, d_sc)
+    else:
+      teacher = _teacher_log_probs(cfg, z_t, scalars, offset)
+
+      def chunk_sum_z(z):
+        per = _per_position(cfg, z, teacher, scalars, offset)
+        return jnp.sum(_weighted(per, w)), per
+
+      value, pullback, per = jax.vjp(chunk_sum_z, z_s, has_aux=True)
+      (g,) = pullback(jnp.ones_like(value))
     g_c = g.astype(compute_dtype)
     d_h = jax.lax.dot_general(g_c, kernel, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
@@ -329,14 +375,17 @@ def _fused_forward(cfg, hidden, kernel, bias, teacher_chunks, teacher_consts,
         preferred_element_type=jnp.float32)
     if d_bias is not None:
       d_bias = d_bias + jnp.sum(g, axis=0)
-    return (total + value, d_kernel, d_bias), d_h.astype(hidden.dtype)
+    # d(sum_n w_n per_n)/dw_n = per_n where w_n > 0 (the _weighted rule).
+    d_w = jnp.where(w > 0, per, 0.0) if weight_grads else None
+    return ((total + value, d_kernel, d_bias, d_scalars),
+            (d_h.astype(hidden.dtype), d_w))
 
-  init = (total0, d_kernel0, d_bias0)
-  (total, d_kernel, d_bias), d_hidden = jax.lax.scan(
+  init = (total0, d_kernel0, d_bias0, d_scalars0)
+  (total, d_kernel, d_bias, d_scalars), (d_hidden, d_weights) = jax.lax.scan(
       body, init, (hidden, teacher_chunks, weights))
   d_kernel = d_kernel.astype(kernel.dtype)
   d_bias = None if bias is None else d_bias.astype(bias.dtype)
-  return total, (d_hidden, d_kernel, d_bias)
+  return total, (d_hidden, d_kernel, d_bias, d_weights, d_scalars)
 
 
 def _sum_over_replicas(cotangent: chex.Array, primal_axes: frozenset
@@ -362,25 +411,49 @@ def _fused(cfg, hidden, kernel, bias, teacher_chunks, teacher_consts, weights,
                                teacher_consts, weights, scalars))
 
 
+def _unwrap(tree):
+  """``(values, perturbed)`` of a pytree of ``CustomVJPPrimal`` leaves."""
+  is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+  leaves = jax.tree.leaves(tree, is_leaf=is_primal)
+  values = jax.tree.map(lambda p: p.value, tree, is_leaf=is_primal)
+  return values, any(p.perturbed for p in leaves)
+
+
 def _fused_fwd(cfg, hidden, kernel, bias, teacher_chunks, teacher_consts,
                weights, scalars):
+  # symbolic_zeros=True: each input says whether it is differentiated, so the
+  # temperature / weight gradients cost nothing unless asked for.
+  hidden, _ = _unwrap(hidden)
+  kernel, _ = _unwrap(kernel)
+  bias, _ = _unwrap(bias)
+  teacher_chunks, _ = _unwrap(teacher_chunks)
+  teacher_consts, _ = _unwrap(teacher_consts)
+  weights, weight_grads = _unwrap(weights)
+  scalars, scalar_grads = _unwrap(scalars)
   return _fused_forward(cfg, hidden, kernel, bias, teacher_chunks,
-                        teacher_consts, weights, scalars)
+                        teacher_consts, weights, scalars,
+                        scalar_grads=scalar_grads, weight_grads=weight_grads)
 
 
 def _fused_bwd(cfg, residuals, cotangent):
-  d_hidden, d_kernel, d_bias = residuals
+  if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+    return (None,) * 7
+  d_hidden, d_kernel, d_bias, d_weights, d_scalars = residuals
 
   def scale(x, axes):
     if x is None:
       return None
     return _sum_over_replicas(x * cotangent, axes).astype(x.dtype)
 
+  scalars_ct = None if d_scalars is None else {
+      k: scale(v, cfg.scalar_axes) for k, v in d_scalars.items()}
   return (scale(d_hidden, cfg.hidden_axes), scale(d_kernel, cfg.kernel_axes),
-          scale(d_bias, cfg.bias_axes), None, None, None, None)
+          scale(d_bias, cfg.bias_axes), None, None,
+          scale(d_weights, cfg.weight_axes), scalars_ct)
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+_fused_jit = jax.jit(_fused, static_argnums=0)
 
 
 # -----------------------------------------------------------------------------
@@ -420,6 +493,17 @@ def _slice_vocab(unembedding: Unembedding, vocab_size: Optional[int],
         f"fewer than the tokenizer's vocab_size={vocab_size}.")
   return Unembedding(kernel[:, :vocab_size],
                      None if bias is None else bias[:vocab_size])
+
+
+def _check_vma(axis_name) -> None:
+  """The sharded engines need ``shard_map(..., check_vma=True)`` (the default)."""
+  for axis in _axis_tuple(axis_name):
+    if axis not in _varying_axes(jax.lax.axis_index(axis)):
+      raise ValueError(
+          f"the vocabulary-sharded loss (axis_name={axis_name!r}) needs "
+          "jax.shard_map with check_vma=True (the default): without it, the "
+          "gradient of the replicated hidden states would be summed over the "
+          "vocabulary shards twice.")
 
 
 def _check_chunk_size(chunk_size) -> None:
@@ -480,14 +564,19 @@ def _run(teacher_kind: str, student_hidden, student_unembedding, teacher_tokens,
       tail_bucket=bool(tail_bucket),
       scale=bool(scale_by_temperature) and teacher_kind != "labels"
       and divergence in _divergences._TEMPERATURE_SCALED,  # pylint: disable=protected-access
-      axis_name=axis_name, vocab_size=sharded_vocab_size,
+      axis_name=(tuple(axis_name) if isinstance(axis_name, list)
+                 else axis_name), vocab_size=sharded_vocab_size,
       hidden_axes=_varying_axes(hidden), kernel_axes=_varying_axes(kernel),
       bias_axes=_varying_axes(bias))
+  if axis_name is not None:
+    _check_vma(axis_name)
   scalars = {"temperature": jnp.asarray(temperature, jnp.float32)}
   if cfg.beta is None:
     scalars["beta"] = jnp.asarray(beta, jnp.float32)
   if cfg.alpha is None:
     scalars["alpha"] = jnp.asarray(alpha, jnp.float32)
+  cfg = dataclasses.replace(cfg, weight_axes=_varying_axes(weights),
+                            scalar_axes=_varying_axes(scalars))
   args = (cfg, chunked(hidden), kernel, bias, teacher_chunks, teacher_consts,
           chunked(weights), scalars)
   if reduction == "none" or implementation != "fused":
@@ -497,7 +586,9 @@ def _run(teacher_kind: str, student_hidden, student_unembedding, teacher_tokens,
       return per.reshape(lead)
     total = jnp.sum(per)
   else:
-    total = _fused(*args)
+    # Through jit: an eager shard_map cannot trace a custom_vjp with symbolic
+    # zeros (jax 0.10); inside jit (the usual case) this is a no-op.
+    total = _fused_jit(*args)
   if reduction == "sum":
     return total
   return total / jnp.maximum(jnp.sum(weights), 1.0)
@@ -589,11 +680,15 @@ def divergence_from_hidden(student_hidden: chex.Array,
   v_s = jnp.shape(student_unembedding[0])[1]
   v_t = jnp.shape(teacher_unembedding[0])[1]
   if v_s != v_t:
+    hint = ("Padded vocabularies of one tokenizer: pass vocab_size=<the "
+            "tokenizer's size>" if axis_name is None else
+            "With a sharded vocabulary both unembeddings must be padded to the "
+            "same width (vocab_size then masks the padding)")
     raise ValueError(
         f"vocabulary mismatch: the student's unembedding has {v_s} columns "
-        f"and the teacher's {v_t}. Padded vocabularies of one tokenizer: pass "
-        "vocab_size=<the tokenizer's size>. Different tokenizers: use the "
-        "cross-tokenizer loss (Universal Logit Distillation).")
+        f"and the teacher's {v_t}{' per shard' if axis_name else ''}. {hint}. "
+        "Different tokenizers: use the cross-tokenizer loss (Universal Logit "
+        "Distillation).")
   teacher_consts = jax.tree.map(jax.lax.stop_gradient,
                                 tuple(teacher_unembedding))
   return _run("dense", student_hidden, tuple(student_unembedding),
@@ -788,6 +883,10 @@ def vocab_sharded_divergence_from_hidden(
     # here; the per-token arrays are split along the batch.
     _divergences.check_top_k_temperature(
         teacher_top_k, temperature, kwargs.get("tail_bucket", True))
+    # Concrete indices outside the (real) vocabulary raise here, as unsharded.
+    _divergences.check_top_k_shapes(
+        teacher_top_k, tuple(jnp.shape(student_hidden)[:-1]),
+        kwargs.get("vocab_size") or jnp.shape(student_unembedding[0])[-1])
     teacher_top_k = teacher_top_k._replace(temperature=None)
     in_specs.append(jax.tree.map(lambda _: tok, teacher_top_k))
     args.append(teacher_top_k)

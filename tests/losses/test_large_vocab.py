@@ -103,6 +103,28 @@ def test_no_bias_reductions_and_traced_scalars():
     np.testing.assert_allclose(f(3.0, beta), ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", LEAN)
+def test_gradients_of_temperature_beta_and_mask_weights(implementation):
+  """A learnt temperature / beta or soft mask weights get the plain gradients."""
+  h_s, emb_s, h_t, emb_t, _ = _problem(seed=9)
+  weights = jnp.asarray(np.random.default_rng(1).random((B, T)), jnp.float32)
+  zs, zt = _logits(h_s, emb_s), _logits(h_t, emb_t)
+
+  def plain(temperature, beta, w):
+    return losses.logit_divergence(zs, zt, temperature, divergence="jsd",
+                                   beta=beta, mask=w)
+
+  def lean(temperature, beta, w):
+    return losses.divergence_from_hidden(
+        h_s, emb_s, h_t, emb_t, temperature, divergence="jsd", beta=beta,
+        mask=w, chunk_size=3, implementation=implementation)
+
+  ref = jax.grad(plain, argnums=(0, 1, 2))(2.0, 0.3, weights)
+  got = jax.jit(jax.grad(lean, argnums=(0, 1, 2)))(2.0, 0.3, weights)
+  assert _max_err(got, ref) < 1e-5, (got, ref)
+  assert float(jnp.abs(got[0])) > 1e-3 and float(jnp.abs(got[1])) > 1e-3
+
+
 def test_padded_vocabulary_slicing():
   h_s, emb_s, h_t, emb_t, mask = _problem(seed=2, v=V + 5)
   emb_t = losses.Unembedding(emb_t.kernel[:, :V + 2], emb_t.bias[:V + 2])
@@ -358,6 +380,41 @@ try:
       losses.Unembedding(w_t[:, :15], b_t[:15]))
 except ValueError as e:
   assert "does not divide" in str(e), e
+else:
+  raise AssertionError("expected a ValueError")
+# A top-k index in a padded column: a clear error eagerly, NaN (never a
+# silent value) when the indices are traced.
+bad = top._replace(indices=top.indices.at[0, 0, 0].set(14))
+try:
+  losses.vocab_sharded_divergence_from_hidden(
+      mesh, h_s, losses.Unembedding(w_s, b_s), temperature=2.0,
+      teacher_top_k=bad, vocab_size=13, token_axis="data")
+except ValueError as e:
+  assert "class-count mismatch" in str(e), e
+else:
+  raise AssertionError("expected a ValueError")
+traced = jax.jit(lambda idx: losses.vocab_sharded_divergence_from_hidden(
+    mesh, h_s, losses.Unembedding(w_s, b_s), temperature=2.0,
+    teacher_top_k=bad._replace(indices=idx), vocab_size=13,
+    token_axis="data"))(bad.indices)
+assert np.isnan(float(traced)), traced
+
+# Inside a user's shard_map: check_vma=False would double-count the hidden
+# gradient, so it is refused; an axis given as a list works like a tuple.
+def inner(h, w, b, ht, wt, bt):
+  return losses.divergence_from_hidden(
+      h, losses.Unembedding(w, b), ht, losses.Unembedding(wt, bt),
+      axis_name=["model"], reduction="sum")
+specs = (P(), P(None, "model"), P("model"), P(), P(None, "model"), P("model"))
+args = (h_s, w_s, b_s, h_t, w_t, b_t)
+ok = jax.shard_map(inner, mesh=mesh8, in_specs=specs, out_specs=P())(*args)
+np.testing.assert_allclose(ok, losses.kl_divergence(
+    h_s @ w_s + b_s, h_t @ w_t + b_t, reduction="sum"), rtol=1e-5)
+try:
+  jax.shard_map(inner, mesh=mesh8, in_specs=specs, out_specs=P(),
+                check_vma=False)(*args)
+except ValueError as e:
+  assert "check_vma=True" in str(e), e
 else:
   raise AssertionError("expected a ValueError")
 print("OK", worst)
