@@ -11,6 +11,9 @@ full logits; the step's peak memory no longer grows with ``tokens x V``.
 
 A teacher whose output carries ``.top_k`` (an offline top-k cache,
 ``kdjax.cache``) is used as is: only the student's logits are formed.
+
+Evaluation and generation need logits: use ``make_lm_apply(config)`` (the
+same variables) there, e.g. for ``kdjax.train.make_eval_step``.
 """
 
 from __future__ import annotations
