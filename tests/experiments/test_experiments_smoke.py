@@ -191,3 +191,23 @@ def test_lm_distill_tiny(tmp_path):
   assert (result["token KD"]["kl_to_teacher"]
           < result["student alone"]["kl_to_teacher"])
   assert "held-out ppl" in proc.stdout
+
+
+def test_lm_cross_tokenizer_tiny(tmp_path):
+  """The ULD cross-tokenizer experiment end to end at --tiny size (~25 s)."""
+  import subprocess
+  out = tmp_path / "uld.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, "lm_cross_tokenizer.py"),
+       "--tiny", "--seeds", "0", "--json", str(out)],
+      capture_output=True, text=True, timeout=600, check=False,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  payload = json.loads(out.read_text())
+  result = payload["results"]["0"]
+  assert payload["bytes_per_student_token"] > 1.0  # the student's tokens merge bytes
+  for name in ("student alone", "CE + ULD"):
+    assert 0.0 < result[name]["bits_per_byte"] < 8.0
+  # The ULD term pulls the student's sorted distribution towards the teacher's.
+  assert (result["CE + ULD"]["uld_to_teacher"]
+          < result["student alone"]["uld_to_teacher"])
