@@ -70,6 +70,21 @@ def stored_shape_dtype(x: Any) -> tuple[tuple, np.dtype]:
   return tuple(np.shape(x)), np.dtype(x.dtype)
 
 
+def host_value(x: Any) -> np.ndarray:
+  """The whole value of a leaf as a NumPy array, in any process.
+
+  Fully addressable and fully replicated arrays are read locally; an array
+  sharded across processes is gathered with
+  ``multihost_utils.process_allgather`` (a collective: every process must
+  call it, in the same order).
+  """
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                       or x.is_fully_replicated):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def flat_with_paths(tree: Any) -> dict[str, Any]:
   """``{"a/b/c": leaf}`` for every leaf (``None`` and empty nodes dropped)."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -89,6 +104,10 @@ def tree_fingerprint(tree: Any) -> str:
   the device layout (arrays are gathered to the host once). Typed PRNG keys
   are hashed through their key data.
 
+  With several processes, a leaf sharded across processes is gathered to
+  every host (:func:`host_value`); call it on every process (it is then a
+  collective), all get the same digest.
+
   Args:
     tree: a pytree of concrete arrays (e.g. the teacher's variables).
 
@@ -104,7 +123,7 @@ def tree_fingerprint(tree: Any) -> str:
                       "is a ShapeDtypeStruct.")
     if is_prng_key(leaf):
       leaf = jax.random.key_data(leaf)
-    value = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    value = np.ascontiguousarray(host_value(leaf))
     digest.update(name.encode())
     digest.update(repr(tuple(value.shape)).encode())
     digest.update(value.dtype.str.encode())
@@ -120,11 +139,16 @@ _GOLDEN = np.uint32(0x9E3779B1)
 
 
 def _as_uint32_words(x: jax.Array) -> jax.Array | None:
+  """The bits of ``x`` as uint32 words, in ``x``'s shape (no reshape).
+
+  8-byte dtypes get a trailing axis of 2 words. Keeping the shape (instead of
+  flattening) lets the partitioner checksum a sharded array shard by shard.
+  """
   if is_prng_key(x):
     x = jax.random.key_data(x)
   dtype = np.dtype(x.dtype)
   if dtype == np.bool_:
-    return x.astype(jnp.uint32).reshape(-1)
+    return x.astype(jnp.uint32)
   if dtype.kind not in "fiu" and dtype.name not in ("bfloat16",) and not (
       dtype.name.startswith("float8")):
     return None  # complex, strings: no checksum
@@ -139,7 +163,23 @@ def _as_uint32_words(x: jax.Array) -> jax.Array | None:
     words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # trailing dim of 2
   else:
     return None
-  return words.reshape(-1)
+  return words
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """The row-major flat index of every element, ``uint32`` (mod ``2^32``).
+
+  ``i = sum_d iota_d * stride_d``, built from broadcasted iotas in ``shape``
+  so that, for a sharded operand, each device computes only the indices of
+  its own shard (no reshape, hence no resharding or gather).
+  """
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in range(len(shape) - 1, -1, -1):
+    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    index = index + iota * jnp.uint32(stride % (1 << 32))
+    stride *= shape[axis]
+  return index
 
 
 def _checksum_leaves(leaves):
@@ -149,7 +189,7 @@ def _checksum_leaves(leaves):
     if words is None:
       out.append(jnp.zeros((), jnp.uint32))
       continue
-    weights = (jnp.arange(words.shape[0], dtype=jnp.uint32) * _GOLDEN) | 1
+    weights = (_flat_index(words.shape) * _GOLDEN) | jnp.uint32(1)
     out.append(jnp.sum(words * weights, dtype=jnp.uint32))
   return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
 
@@ -167,6 +207,12 @@ def tree_checksums(tree: Any) -> dict[str, int]:
   (global, layout-independent: a state saved on 8 devices and restored on 1
   has equal checksums); only ``num_leaves`` words come back to the host.
 
+  Multi-process: the sum is linear, so each device sums its own shard
+  (weights from the shard's global indices, no reshape, no gather) and XLA
+  adds the partial sums with one all-reduce; the result is replicated, so
+  every process gets the same checksums and takes the same decisions. Call it
+  on every process (it is a collective), with the leaves on one device set.
+
   Args:
     tree: a pytree of arrays (any sharding).
 
@@ -177,8 +223,7 @@ def tree_checksums(tree: Any) -> dict[str, int]:
   names = list(flat)
   if not names:
     return {}
-  values = np.asarray(jax.device_get(_checksum_leaves_jit(
-      [flat[n] for n in names])))
+  values = host_value(_checksum_leaves_jit([flat[n] for n in names]))
   return {n: int(v) for n, v in zip(names, values)}
 
 

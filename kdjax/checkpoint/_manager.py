@@ -15,11 +15,22 @@ either the whole step or nothing:
 
 Old steps are deleted only after a newer one is committed, so a checkpoint
 that was saved is never lost to a crash.
+
+Several processes (``jax.distributed``): every process calls ``save`` and
+``restore`` with the same arguments (they are collectives). Orbax writes each
+process's shards of the arrays itself; the JSON items are written by process 0
+only, inside the same atomic commit, after the processes checked that they
+agree on them (the checksums are global sums, equal on every process, see
+:func:`kdjax.checkpoint.tree_checksums`; each process's data iterator
+position is gathered and kept by process index). On restore the processes
+agree on every step's outcome before moving on, and process 0 alone moves a
+corrupted step aside while the others wait.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +45,7 @@ from etils import epath
 
 from kdjax.checkpoint import _integrity
 from kdjax.checkpoint._integrity import CheckpointCorruptedError
+from kdjax.checkpoint._integrity import CheckpointError
 from kdjax.checkpoint._integrity import StructureMismatchError
 from kdjax.checkpoint._integrity import TeacherMismatchError
 
@@ -46,6 +58,7 @@ CONFIG_ITEM = "config"
 META_ITEM = "meta"
 QUARANTINE_DIR = "corrupted"
 _BYTES_KEY = "__kdjax_bytes_b64__"
+_PER_PROCESS_KEY = "__kdjax_per_process__"
 
 Shardings = Union[None, jax.sharding.Sharding, Any]
 
@@ -142,8 +155,72 @@ def _short(e: BaseException, limit: int = 400) -> str:
   return f"{type(e).__name__}: {text}"
 
 
+# -----------------------------------------------------------------------------
+# Multi-process agreement (no-ops with one process).
+# -----------------------------------------------------------------------------
+
+
+def _multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def _allgather_host(value: np.ndarray) -> np.ndarray:
+  """``[process_count, *value.shape]``: every process's ``value`` (collective)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
+def _allgather_text(text: str) -> list[str]:
+  """Every process's ``text``, by process index (collective)."""
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = _allgather_host(np.asarray([data.size], np.int32))[:, 0]
+  padded = np.zeros((int(lengths.max()),), np.uint8)
+  padded[:data.size] = data
+  rows = _allgather_host(padded)
+  return [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]
+
+
+def _barrier(name: str) -> None:
+  if _multiprocess():
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"kdjax.checkpoint:{name}")
+
+
+def _digest_words(value: Any) -> np.ndarray:
+  text = json.dumps(value, sort_keys=True, default=str).encode()
+  return np.frombuffer(hashlib.sha256(text).digest(), np.uint32).copy()
+
+
+def _check_processes_agree(value: Any, what: str) -> None:
+  """Raises ValueError on every process if ``value`` differs across them."""
+  if not _multiprocess():
+    return
+  rows = _allgather_host(_digest_words(value))
+  differ = [i for i in range(rows.shape[0]) if not np.array_equal(rows[i],
+                                                                   rows[0])]
+  if differ:
+    raise ValueError(f"the processes disagree on the {what}: processes "
+                     f"{differ} differ from process 0 (pass the same config, "
+                     "teacher, extra and step on every process).")
+
+
+_OK, _CORRUPTED, _FAILED = 0, 1, 2
+
+
+def _worst_outcome(local: int) -> int:
+  """The worst of every process's outcome code (collective)."""
+  if not _multiprocess():
+    return local
+  return int(_allgather_host(np.asarray([local], np.int32)).max())
+
+
 class DistillCheckpointer:
   """Checkpoints a distillation run: policies, resume, integrity checks.
+
+  Multi-process runs (``jax.distributed``): every process constructs the
+  checkpointer and calls ``save``/``restore`` with the same arguments (they
+  run collectives: sharded checksums, an agreement on each restore's outcome,
+  barriers around quarantine); process 0 writes the metadata files.
 
   Example::
 
@@ -329,7 +406,7 @@ class DistillCheckpointer:
       KeyError: ``metrics`` lacks ``best_metric``.
     """
     if step is None:
-      step = int(jax.device_get(state.step))
+      step = int(_integrity.host_value(state.step))
     step = int(step)
     if metrics is not None:
       metrics = {str(k): float(v) for k, v in metrics.items()}
@@ -351,6 +428,13 @@ class DistillCheckpointer:
     data_state = None
     if data_iterator is not None:
       data_state = _encode_iterator_state(data_iterator.get_state())
+    if _multiprocess():
+      # Each process reads its own part of the data: keep every position.
+      _check_processes_agree(data_iterator is not None, "data_iterator")
+      if data_state is not None:
+        data_state = {_PER_PROCESS_KEY: [
+            json.loads(text) for text in _allgather_text(json.dumps(
+                data_state, sort_keys=True))]}
     meta = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -362,6 +446,10 @@ class DistillCheckpointer:
         "extra": None if extra is None else _jsonable(dict(extra), "extra"),
         "saved_at": time.time(),
     }
+    _check_processes_agree(
+        {k: v for k, v in meta.items() if k != "saved_at"} | {
+            "config": self._config, "data_state": data_state,
+            "metrics": metrics}, "checkpoint metadata")
     args = ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         DATA_ITEM: ocp.args.JsonSave(data_state or {}),
@@ -464,15 +552,14 @@ class DistillCheckpointer:
     abstract = abstract_like(template, shardings)
     failures = []
     for candidate in candidates:
-      try:
-        result = self._restore_step(candidate, abstract, verify,
-                                    allow_teacher_change)
+      result, error = self._restore_agreed(candidate, abstract, verify,
+                                           allow_teacher_change)
+      if error is None:
         break
-      except CheckpointCorruptedError as e:
-        if not fallback:
-          raise
-        log.warning("%s Falling back to an older step.", e)
-        failures.append((candidate, e))
+      if not fallback:
+        raise error
+      log.warning("%s Falling back to an older step.", error)
+      failures.append((candidate, error))
     else:
       raise CheckpointCorruptedError(
           f"no restorable checkpoint in {self._directory}; tried steps "
@@ -487,6 +574,12 @@ class DistillCheckpointer:
         raise ValueError(
             f"the checkpoint at step {result.step} ({self.step_path(result.step)}) "
             "holds no data iterator state (saved without data_iterator=).")
+      if _PER_PROCESS_KEY in result.data_state:
+        raise ValueError(
+            f"the checkpoint at step {result.step} holds the data positions of "
+            f"{len(result.data_state[_PER_PROCESS_KEY])} processes, but this run "
+            f"has {jax.process_count()}; restore without data_iterator= and "
+            "position the data yourself.")
       data_iterator.set_state(_decode_iterator_state(result.data_state))
     if (self._config is not None and result.config is not None
         and result.config != self._config):
@@ -496,8 +589,53 @@ class DistillCheckpointer:
                   result.step, changed)
     return result._replace(skipped_steps=skipped)
 
-  def _restore_step(self, step: int, abstract: Any, verify: bool,
+  def _restore_agreed(self, step: int, abstract: Any, verify: bool,
+                      allow_teacher_change: bool):
+    """``(RestoredRun, None)`` or ``(None, CheckpointCorruptedError)``.
+
+    With several processes each reads its own shards, so one may fail where
+    the others succeed (e.g. a damaged chunk of its shard): the processes
+    exchange their outcome before the checksums (a collective) and all take
+    the worst one. Errors other than corruption are raised on every process.
+    """
+    path = self.step_path(step)
+    result, error, outcome = None, None, _OK
+    try:
+      result = self._restore_step(step, abstract, allow_teacher_change)
+    except CheckpointCorruptedError as e:
+      error, outcome = e, _CORRUPTED
+    except Exception as e:  # pylint: disable=broad-except
+      if not _multiprocess():
+        raise
+      error, outcome = e, _FAILED
+    worst = _worst_outcome(outcome)
+    if worst == _FAILED:
+      if outcome == _FAILED:
+        raise error
+      raise CheckpointError(
+          f"restoring the checkpoint at step {step} ({path}) failed on another "
+          "process (see its log).")
+    if worst == _CORRUPTED:
+      if error is None:
+        error = CheckpointCorruptedError(
+            f"the checkpoint at step {step} ({path}) is corrupted or truncated:"
+            " another process could not read its part of the state.",
+            step=step, path=str(path))
+      return None, error
+    saved_sums = self.read_meta(step).get("checksums") if verify else None
+    if saved_sums:
+      sums = _integrity.tree_checksums(result.state)  # equal on every process
+      bad = sorted(n for n in sums if saved_sums.get(n) != sums[n])
+      if bad:
+        return None, CheckpointCorruptedError(
+            f"the checkpoint at step {step} ({path}) is corrupted: {len(bad)} "
+            "leaf/leaves do not match the checksums recorded at save time: "
+            f"{bad[:10]}", step=step, path=str(path))
+    return result, None
+
+  def _restore_step(self, step: int, abstract: Any,
                     allow_teacher_change: bool) -> RestoredRun:
+    """Reads one step (this process's shards); the checksums are not checked."""
     path = self.step_path(step)
     where = f"the checkpoint at step {step} ({path})"
     meta = self._read_json(step, META_ITEM)
@@ -516,6 +654,10 @@ class DistillCheckpointer:
     config = self._read_json(step, CONFIG_ITEM) if meta.get("has_config") else None
     data_state = (self._read_json(step, DATA_ITEM)
                   if meta.get("has_data_state") else None)
+    if data_state is not None and _PER_PROCESS_KEY in data_state:
+      per_process = data_state[_PER_PROCESS_KEY]
+      if len(per_process) == jax.process_count():
+        data_state = per_process[jax.process_index()]
 
     try:
       handler = ocp.PyTreeCheckpointHandler()
@@ -531,24 +673,18 @@ class DistillCheckpointer:
     if mismatch:
       raise StructureMismatchError(
           f"{where} does not match the template state:\n" + "\n".join(mismatch))
+    # The item's handler directly, not the manager: the manager's restore ends
+    # with a barrier that a process whose read failed would never reach.
+    handler = ocp.StandardCheckpointHandler()
     try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(
-              **{STATE_ITEM: ocp.args.StandardRestore(abstract)}))
-      state = restored[STATE_ITEM]
+      state = handler.restore(path / STATE_ITEM,
+                              args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointCorruptedError(
           f"{where} is corrupted or truncated: {_short(e)}", step=step,
           path=str(path)) from e
-    saved_sums = meta.get("checksums")
-    if verify and saved_sums:
-      sums = _integrity.tree_checksums(state)
-      bad = sorted(n for n in sums if saved_sums.get(n) != sums[n])
-      if bad:
-        raise CheckpointCorruptedError(
-            f"{where} is corrupted: {len(bad)} leaf/leaves do not match the "
-            f"checksums recorded at save time: {bad[:10]}",
-            step=step, path=str(path))
+    finally:
+      handler.close()
     metrics = self._manager.metrics(step) if self._best_metric else None
     return RestoredRun(state=state, step=step, config=config,
                        data_state=data_state,
@@ -556,6 +692,13 @@ class DistillCheckpointer:
                        extra=meta.get("extra"))
 
   def _quarantine(self, steps: Sequence[int]) -> None:
+    """Moves ``steps`` to ``<root>/corrupted/``: process 0 moves, all wait."""
+    if jax.process_index() == 0:
+      self._move_aside(steps)
+    _barrier(f"quarantine:{','.join(map(str, steps))}")
+    self._manager.reload()
+
+  def _move_aside(self, steps: Sequence[int]) -> None:
     target_root = self._directory / QUARANTINE_DIR
     target_root.mkdir(parents=True, exist_ok=True)
     for step in steps:
@@ -567,4 +710,3 @@ class DistillCheckpointer:
         n += 1
       src.rename(dst)
       log.warning("moved the corrupted step %d to %s", step, dst)
-    self._manager.reload()
