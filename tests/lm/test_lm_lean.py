@@ -151,3 +151,29 @@ print("OK", err)
 
 def test_vocab_sharded_lean_step_equals_unsharded(subprocess_runner):
   assert "OK" in subprocess_runner(SHARDED_STEP_CODE, devices=8)
+
+
+def test_on_policy_gkd_with_lean_terms():
+  """GKD (lambda = 1) with the memory-lean JSD equals GKD with full logits."""
+  sampling = lm.SamplingConfig(temperature=1.0, top_k=20, vocab_size=V,
+                               eos_id=258, pad_id=256, suppress_ids=(256, 257))
+  opt = optax.sgd(0.1)
+  teacher = lm.init_lm(TEACHER, jax.random.key(1))
+  state = train.create_state(lm.init_lm(STUDENT, jax.random.key(2)), opt,
+                             rng=jax.random.key(3))
+  batch = _batch()
+  batch["prompt_len"] = jnp.full((4,), 5, jnp.int32)
+  outs = []
+  for kw, term in (({}, lm.token_kd_term("jsd", vocab_size=V)),
+                   ({"compute_logits": False},
+                    lm.lean_token_kd_term("jsd", vocab_size=V, chunk_size=8))):
+    step = lm.make_gkd_train_step(
+        lm.make_lm_apply(STUDENT, **kw), lm.make_lm_apply(TEACHER, **kw),
+        losses.compose([losses.Term("gkd", term)]), opt, lmbda=1.0,
+        sampling=sampling, donate=False)
+    outs.append(step(state, teacher, batch))
+  (a, ma), (b, mb) = outs
+  assert float(mb["on_policy"]) == 1.0
+  np.testing.assert_allclose(mb["gkd"], ma["gkd"], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
