@@ -56,10 +56,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -85,22 +83,6 @@ MIB = 2**20
 def _first_line(error: BaseException) -> str:
   text = f"{type(error).__name__}: {error}".strip().splitlines()
   return text[0][:100] if text else type(error).__name__
-
-
-def _interleaved_ms(variants: dict[str, Callable[[], object]], steps: int,
-                    repeats: int) -> dict[str, float]:
-  """Median ms per call over ``repeats`` rotated rounds of ``steps`` calls."""
-  times = {name: [] for name in variants}
-  names = list(variants)
-  for r in range(repeats):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for name in order:
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        out = variants[name]()
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t0) / steps)
-  return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def _ratio_columns(temp: Optional[int], ms: Optional[float],
@@ -234,7 +216,7 @@ def _step_table(vocab: int, t_shape: dict, s_shape: dict, batch_size: int,
   runners = {name: make_runner(name) for name in compiled}
   for fn in runners.values():  # second warm-up, on the shared states
     jax.block_until_ready(fn())
-  ms = _interleaved_ms(runners, steps, repeats) if runners else {}
+  ms = bench_lm_step.interleaved_ms(runners, steps, repeats) if runners else {}
 
   print(f"\nvocab {vocab}: lean chunk {chunk} tokens "
         f"({-(-tokens_per_step // chunk)} chunks)"
@@ -330,7 +312,7 @@ def _loss_table(vocab: int, dtype_name: str, n: int, d_s: int, d_t: int,
       failed[key] = _first_line(e)
       compiled.pop(key, None)
   runners = {key: (lambda f=f: f(*args)) for key, f in compiled.items()}
-  ms = _interleaved_ms(runners, steps, repeats) if runners else {}
+  ms = bench_lm_step.interleaved_ms(runners, steps, repeats) if runners else {}
   plain = ("plain", None)
   print(f"\nvocab {vocab}, {dtype_name} inputs (choose_chunk_size default: "
         f"{default_chunk})")

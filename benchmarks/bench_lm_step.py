@@ -70,6 +70,26 @@ def measured_matmul_peak(n: int, dtype=jnp.bfloat16, repeats: int = 10) -> float
   return 2 * n**3 / best
 
 
+def interleaved_ms(variants: dict, steps: int, repeats: int) -> dict:
+  """Median ms per call over ``repeats`` rotated rounds of ``steps`` calls each.
+
+  ``variants`` maps names to zero-argument callables returning a device value;
+  each round times every variant in a rotated order with one
+  ``block_until_ready`` at the end of its ``steps`` calls (no per-step sync).
+  """
+  times = {name: [] for name in variants}
+  names = list(variants)
+  for r in range(repeats):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for name in order:
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = variants[name]()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / steps)
+  return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+
+
 def make_hand_written_step(s_module, t_module, optimizer, temperature=1.0):
   """The token-KD step written directly with flax + optax (full logits).
 
@@ -218,17 +238,7 @@ def main():
   for fn in variants.values():  # compile + warm up
     jax.block_until_ready(fn())
     jax.block_until_ready(fn())
-  times = {name: [] for name in variants}
-  names = list(variants)
-  for r in range(repeats):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for name in order:
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        out = variants[name]()
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t0) / steps)
-  ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+  ms = interleaved_ms(variants, steps, repeats)
 
   peak = measured_matmul_peak(matmul_n)
   tokens_per_step = batch_size * seq

@@ -95,12 +95,11 @@ def make_eval(s_apply, t_apply, student_vocab: int):
     t_nll = losses.hard_label_cross_entropy(
         t, batch["teacher_targets"], mask=batch["teacher_loss_mask"],
         reduction="sum")
-    uld = losses.uld_loss(s, batch["loss_mask"], t, batch["teacher_loss_mask"],
-                          average="token") * jnp.sum(jnp.minimum(
-                              jnp.sum(batch["loss_mask"], -1),
-                              jnp.sum(batch["teacher_loss_mask"], -1)))
+    # ULD summed over the aligned positions (min of the two response lengths).
     aligned = jnp.sum(jnp.minimum(jnp.sum(batch["loss_mask"], -1),
                                   jnp.sum(batch["teacher_loss_mask"], -1)))
+    uld = aligned * losses.uld_loss(s, batch["loss_mask"], t,
+                                    batch["teacher_loss_mask"], average="token")
     return jnp.stack([nll, t_nll, uld, aligned])
 
   def evaluate(student_vars, teacher_vars, data, batch_size=64):
