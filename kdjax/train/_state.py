@@ -64,6 +64,18 @@ def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict]:
   return variables["params"], rest
 
 
+def _copy_callers_arrays(tree: Any, callers: Any) -> Any:
+  """Copies the leaves of ``tree`` that are the very arrays found in ``callers``.
+
+  The state must own its buffers (the step donates them); a leaf that is one
+  of the caller's JAX arrays is replaced by a copy, any other leaf (a new
+  array, e.g. one cast by the precision policy; a NumPy array, which the jit
+  call transfers anyway) is kept.
+  """
+  ids = {id(x) for x in jax.tree.leaves(callers) if isinstance(x, jax.Array)}
+  return jax.tree.map(lambda x: jnp.copy(x) if id(x) in ids else x, tree)
+
+
 def create_state(student_variables: Mapping[str, Any],
                  optimizer: optax.GradientTransformation,
                  *,
@@ -71,7 +83,8 @@ def create_state(student_variables: Mapping[str, Any],
                  loss_params: Optional[Mapping[str, Any]] = None,
                  loss_state: Optional[Mapping[str, Any]] = None,
                  ema: bool = False,
-                 policy: Optional[Any] = None) -> DistillState:
+                 policy: Optional[Any] = None,
+                 copy: bool = True) -> DistillState:
   """Builds the initial :class:`DistillState`.
 
   Args:
@@ -83,21 +96,32 @@ def create_state(student_variables: Mapping[str, Any],
     ema: keep an EMA copy of the student params (self-distillation).
     policy: a :class:`kdjax.train.Policy`; the student and loss params are
       stored in ``policy.param_dtype`` (the float32 master weights).
+    copy: copy the arrays the caller passed (see below); ``False`` hands them
+      over to the state.
 
-  The state holds ``student_variables``' arrays themselves (no copy, so no
-  second copy of a large model in memory), and the train step donates the
-  state's buffers: after the first step those arrays are deleted. To reuse the
-  same initial variables for another run (e.g. a student trained alone and the
-  same student distilled), pass ``jax.tree.map(jnp.copy, variables)``.
+  The train step donates the state's buffers (the update happens in place),
+  so every array the state holds is deleted by the first step. With
+  ``copy=True`` (the default) the state holds copies of the caller's
+  ``student_variables``, ``loss_params``, ``loss_state`` and ``rng``: those
+  stay usable after any number of steps (reuse the key, start a second run
+  from the same initial variables). A leaf that ``policy`` casts to a new
+  dtype is already a new array and is not copied again. ``copy=False`` saves
+  the copy of a model too large for two copies in memory: the caller's
+  arrays then belong to the state and are deleted by the first step.
   """
+  owned = (student_variables, loss_params, loss_state, rng)
   params, rest = split_variables(student_variables)
   loss_params = dict(loss_params or {})
+  loss_state = dict(loss_state or {})
   if policy is not None:
     params = policy.cast_to_param(params)
     loss_params = policy.cast_to_param(loss_params)
+  if copy:
+    params, rest, loss_params, loss_state, rng = _copy_callers_arrays(
+        (params, rest, loss_params, loss_state, rng), owned)
   opt_state = optimizer.init({"student": params, "loss": loss_params})
   ema_params = jax.tree.map(jnp.copy, params) if ema else None
   return DistillState(step=jnp.zeros((), jnp.int32), params=params,
                       model_state=rest, loss_params=loss_params,
-                      opt_state=opt_state, loss_state=dict(loss_state or {}),
+                      opt_state=opt_state, loss_state=loss_state,
                       rng=rng, ema_params=ema_params)
