@@ -2,7 +2,8 @@
 
 A run directory holds::
 
-  config.yaml     the resolved config of the run
+  config.yaml     the resolved config of the run (data.num_classes, mean and
+                  std filled from the data)
   run.json        what was trained: {"command", "model": "teacher"|"student",
                   "method", "teacher_run", "teacher_cache", "image_shape"}
   checkpoints/    kdjax.checkpoint.DistillCheckpointer steps
@@ -14,8 +15,11 @@ A run directory holds::
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import json
 import os
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -27,21 +31,176 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
 
 
+# -----------------------------------------------------------------------------
+# The user's own module classes ("package.module:ClassName").
+# -----------------------------------------------------------------------------
+
+
+def import_arch(arch: str, key: str = "arch") -> tuple[type, str]:
+  """``(class, "linen" | "nnx")`` of ``"package.module:ClassName"``.
+
+  The current directory is searched after ``sys.path`` (the ``kdjax``
+  console script does not put it there).
+
+  Raises:
+    ConfigError: the module does not import, lacks the class, or the class is
+      not a Flax linen or NNX module.
+  """
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
+  module_name, _, class_name = arch.partition(":")
+  if not module_name or not class_name or ":" in class_name:
+    raise ConfigError(f"config key {key!r} must read 'package.module:"
+                      f"ClassName', got {arch!r}.")
+  if os.getcwd() not in sys.path and "" not in sys.path:
+    sys.path.append(os.getcwd())
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and (module_name == e.name
+                   or module_name.startswith(e.name + ".")):
+      raise ConfigError(
+          f"config key {key!r}: cannot import module {module_name!r} of "
+          f"{arch!r} (no module named {e.name!r}); put its directory on "
+          "PYTHONPATH or run kdjax from it.") from None
+    raise ConfigError(f"config key {key!r}: importing {module_name!r} failed: "
+                      f"{e}.") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"config key {key!r}: importing {module_name!r} raised "
+                      f"{type(e).__name__}: {e}") from e
+  cls = module
+  for part in class_name.split("."):
+    if not hasattr(cls, part):
+      names = sorted(n for n, v in vars(module).items()
+                     if isinstance(v, type) and issubclass(v, (nn.Module,
+                                                               nnx.Module)))
+      raise ConfigError(
+          f"config key {key!r}: module {module_name!r} "
+          f"({getattr(module, '__file__', '?')}) has no class {class_name!r}"
+          f"; its Flax modules: {', '.join(names) or 'none'}.")
+    cls = getattr(cls, part)
+  if isinstance(cls, type) and issubclass(cls, nn.Module):
+    return cls, "linen"
+  if isinstance(cls, type) and issubclass(cls, nnx.Module):
+    return cls, "nnx"
+  what = cls.__name__ if isinstance(cls, type) else type(cls).__name__
+  raise ConfigError(f"config key {key!r}: {arch!r} is a {what}, not a Flax "
+                    "linen or NNX module class.")
+
+
+def _parameters(fn) -> dict:
+  try:
+    return dict(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):
+    return {}
+
+
+def _accepts(fn, name: str) -> bool:
+  params = _parameters(fn)
+  return name in params or any(p.kind is p.VAR_KEYWORD
+                               for p in params.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class UserModel:
+  """A user's module class, built for the data by :func:`make_apply` and
+  :func:`init_variables`.
+
+  Linen modules are built at once (they infer input shapes); NNX modules
+  create their parameters eagerly, so they are built once the image shape is
+  known: ``input_shape`` ([H, W, C]) and ``rngs`` are passed when the
+  constructor takes them; ``num_classes`` for either when it takes one and
+  ``kwargs`` do not set it.
+  """
+  arch: str
+  cls: type
+  kind: str
+  kwargs: Mapping[str, Any]
+  num_classes: int
+
+  def _kwargs(self, **extra) -> dict:
+    init = self.cls if self.kind == "linen" else self.cls.__init__
+    out = dict(self.kwargs)
+    for name, value in {"num_classes": self.num_classes, **extra}.items():
+      if name not in out and name in _parameters(init):
+        out[name] = value
+    return out
+
+  def linen(self):
+    """The linen module (``kind == "linen"``)."""
+    return _construct(self.arch, self.cls, self._kwargs())
+
+  def nnx(self, image_shape: Sequence[int], rngs):
+    """The NNX module for images ``[H, W, C]`` (``kind == "nnx"``)."""
+    return _construct(self.arch, self.cls, self._kwargs(
+        input_shape=tuple(int(d) for d in image_shape), rngs=rngs))
+
+  def abstract_nnx(self, image_shape: Sequence[int]):
+    """The NNX module's structure, its arrays as shapes only."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    return nnx.eval_shape(lambda: self.nnx(image_shape, nnx.Rngs(0)))
+
+  @property
+  def train_kwarg(self) -> Optional[str]:
+    """The linen ``__call__``'s train flag, if it has one."""
+    return "train" if "train" in _parameters(self.cls.__call__) else None
+
+
+def _construct(arch: str, cls: type, kwargs: Mapping[str, Any]):
+  from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    given = {k: v for k, v in kwargs.items() if k != "rngs"}
+    raise ConfigError(
+        f"{arch} does not take the arguments {given} (kwargs of its model "
+        f"section plus num_classes / input_shape / rngs where its "
+        f"constructor names them): {e}") from None
+
+
 def build_module(model: Mapping[str, Any], num_classes: int):
-  """The linen module of a ``teacher``/``student`` config section."""
+  """The module of a ``teacher``/``student`` config section: a linen module
+  (cnn, mlp, a user's linen class) or a :class:`UserModel` (a user's NNX
+  class)."""
   from kdjax import models  # pylint: disable=g-import-not-at-top
-  if model["arch"] == "cnn":
-    return models.CNN(channels=tuple(model["channels"]), dense=model["dense"],
-                      num_classes=num_classes, dropout_rate=model["dropout"])
-  return models.MLP(hidden=tuple(model["hidden"]), num_classes=num_classes,
-                    dropout_rate=model["dropout"])
+  kwargs = dict(model.get("kwargs") or {})
+  arch = model["arch"]
+  if arch == "cnn":
+    return _construct("cnn", models.CNN, {
+        "channels": tuple(model["channels"]), "dense": model["dense"],
+        "num_classes": num_classes, "dropout_rate": model["dropout"],
+        **kwargs})
+  if arch == "mlp":
+    return _construct("mlp", models.MLP, {
+        "hidden": tuple(model["hidden"]), "num_classes": num_classes,
+        "dropout_rate": model["dropout"], **kwargs})
+  cls, kind = import_arch(arch)
+  user = UserModel(arch=arch, cls=cls, kind=kind, kwargs=kwargs,
+                   num_classes=num_classes)
+  return user.linen() if kind == "linen" else user
 
 
 def make_apply(module, feature_names: Sequence[str] = ()):
-  """``kdjax.models.from_linen`` with the reference models' train flag."""
+  """The model's apply function: ``kdjax.models.from_linen`` (with the
+  ``train`` flag where ``__call__`` takes one) or, for an NNX
+  :class:`UserModel`, ``kdjax.models.from_nnx`` of the module built for the
+  batch's image shape."""
   from kdjax import models  # pylint: disable=g-import-not-at-top
-  return models.from_linen(module, feature_names=tuple(feature_names),
-                           train_kwarg="train")
+  names = tuple(feature_names)
+  if not isinstance(module, UserModel):
+    train = "train" if "train" in _parameters(module.__call__) else None
+    return models.from_linen(module, feature_names=names, train_kwarg=train)
+  applies = {}
+
+  def apply(variables, batch, *, train: bool = False, rng=None):
+    shape = tuple(batch["image"].shape[1:])
+    if shape not in applies:
+      applies[shape] = models.from_nnx(module.abstract_nnx(shape),
+                                       feature_names=names)[0]
+    return applies[shape](variables, batch, train=train, rng=rng)
+
+  return apply
 
 
 def _strip(variables: Mapping[str, Any]) -> dict:
@@ -49,17 +208,83 @@ def _strip(variables: Mapping[str, Any]) -> dict:
   return {k: v for k, v in variables.items() if k != "intermediates"}
 
 
+def _check_image_size(module, image_shape: Sequence[int]) -> None:
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+  if not isinstance(module, models.CNN):
+    return
+  blocks = len(module.channels)
+  if 2 ** blocks > min(image_shape[:2]):
+    from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(
+        f"a cnn with {blocks} conv blocks (channels {list(module.channels)}) "
+        f"halves the image {blocks} times: too many for "
+        f"{image_shape[0]}x{image_shape[1]} images; list fewer channels.")
+
+
+def _init_kwargs(module) -> dict:
+  return {"train": False} if "train" in _parameters(module.__call__) else {}
+
+
+def _check_logits(module, logits_shape, num_classes: Optional[int]) -> None:
+  if num_classes is None or logits_shape[-1] == num_classes:
+    return
+  from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
+  name = getattr(module, "arch", type(module).__name__)
+  raise ConfigError(
+      f"{name} returns logits of shape {tuple(logits_shape)} but the data "
+      f"have {num_classes} classes: give its constructor a num_classes "
+      "argument (kdjax passes it) or set it in the model's kwargs.")
+
+
+def _linen_num_classes(module) -> Optional[int]:
+  return getattr(module, "num_classes", None)
+
+
 def init_variables(module, rng, image_shape: Sequence[int]) -> dict:
-  """``module.init`` on one zero image of ``image_shape`` ([H, W, C])."""
+  """The initial variables for images of ``image_shape`` ([H, W, C])."""
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  return _strip(module.init(rng, x, train=False))
+  k_params, k_dropout = jax.random.split(rng)
+  if isinstance(module, UserModel):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from kdjax import models  # pylint: disable=g-import-not-at-top
+    model = module.nnx(image_shape, nnx.Rngs(k_params, dropout=k_dropout))
+    apply, variables = models.from_nnx(model)
+    logits = jax.eval_shape(lambda v: apply(v, {"image": x}).logits, variables)
+    _check_logits(module, logits.shape, module.num_classes)
+    return variables
+  _check_image_size(module, image_shape)
+  if isinstance(module, _builtin_types()):
+    return _strip(module.init(rng, x, train=False))
+  out, variables = module.init_with_output(
+      {"params": k_params, "dropout": k_dropout}, x, **_init_kwargs(module))
+  _check_logits(module, np.shape(_logits_of(out)), _linen_num_classes(module))
+  return _strip(variables)
+
+
+def _logits_of(out):
+  # The outputs the adapters accept: logits, (logits, features), a
+  # ModelOutput or {"logits": ...}.
+  if isinstance(out, tuple):
+    return out[0]
+  if isinstance(out, Mapping) and "logits" in out:
+    return out["logits"]
+  return getattr(out, "logits", out)
+
+
+def _builtin_types() -> tuple:
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+  return (models.CNN, models.MLP)
 
 
 def abstract_variables(module, image_shape: Sequence[int]) -> dict:
   """The variables' shapes and dtypes, without computing them."""
+  if isinstance(module, UserModel):
+    from kdjax import models  # pylint: disable=g-import-not-at-top
+    return models.from_nnx(module.abstract_nnx(image_shape))[1]
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  kwargs = _init_kwargs(module)
   return _strip(jax.eval_shape(
-      lambda r, v: module.init(r, v, train=False), jax.random.PRNGKey(0), x))
+      lambda r, v: module.init(r, v, **kwargs), jax.random.PRNGKey(0), x))
 
 
 def param_count(variables: Mapping[str, Any]) -> int:

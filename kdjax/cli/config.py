@@ -42,7 +42,8 @@ class Field:
   Attributes:
     default: the value used when the key is absent.
     kind: ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"ints"`` (a list
-      of ints) or ``"dict"`` (a free-form mapping, validated elsewhere).
+      of ints), ``"strs"`` (a list of strings) or ``"dict"`` (a free-form
+      mapping, validated elsewhere).
     doc: one line for ``kdjax config --show``.
     choices: the allowed values (strings), if restricted.
     nullable: ``null`` is allowed.
@@ -56,10 +57,26 @@ class Field:
   minimum: Optional[float] = None
 
 
+BUILTIN_ARCHS = ("cnn", "mlp")
+
+
 def _model_section(arch: str, channels, dense, hidden, doc: str) -> dict:
   return {
-      "arch": Field(arch, "str", f"{doc} architecture: kdjax.models.CNN or "
-                    "kdjax.models.MLP", choices=("cnn", "mlp")),
+      "arch": Field(arch, "str", f"{doc} architecture: cnn "
+                    "(kdjax.models.CNN), mlp (kdjax.models.MLP), or your own "
+                    "Flax linen or NNX module class as 'package.module:"
+                    "ClassName' (importable from sys.path, PYTHONPATH or the "
+                    "current directory; built with kwargs, plus num_classes "
+                    "and, for NNX, input_shape [H, W, C] and rngs when its "
+                    "constructor takes them)"),
+      "kwargs": Field({}, "dict", "keyword arguments of the model's "
+                      "constructor, e.g. {width: 16} (for cnn/mlp: over the "
+                      "keys below, e.g. {batch_norm: true})"),
+      "features": Field([], "strs", "intermediate features of this model "
+                        "(submodule paths or sown names, e.g. [block1]); the "
+                        "feature-based methods read them by default "
+                        "(student_feature/teacher_feature: the last one, "
+                        "pairs: zipped)"),
       "channels": Field(list(channels), "ints", "CNN: channels of the conv "
                         "blocks (features block_0, block_1, ...)", minimum=1),
       "dense": Field(dense, "int", "CNN: width of the penultimate dense layer",
@@ -79,30 +96,61 @@ SCHEMA: dict = {
                   "and augmentation", minimum=0),
     "data": {
         "source": Field("tfds", "str",
-                        "tfds: kdjax.data.load_source (the Fashion-MNIST TFDS "
-                        "builder, or another prepared TFDS dataset); idx: the "
+                        "tfds: a TFDS dataset by name (the Fashion-MNIST "
+                        "builder, or any dataset already prepared in "
+                        "array_record format); arrays: your own .npz/.npy "
+                        "files (train_path, eval_path); idx: the "
                         "Fashion-MNIST IDX arrays in memory; synthetic: "
                         "generated class patterns (smoke tests)",
-                        choices=("tfds", "idx", "synthetic")),
+                        choices=("tfds", "arrays", "idx", "synthetic")),
         "name": Field("kdjax_fashion_mnist", "str",
-                      "TFDS dataset name (source: tfds)"),
+                      "TFDS dataset name[/config][:version] (source: tfds); "
+                      "kdjax_fashion_mnist is built from the IDX files, any "
+                      "other is read as prepared in data_dir, never "
+                      "downloaded"),
+        "data_dir": Field(None, "str", "TFDS data directory holding the "
+                          "prepared datasets (default ~/tensorflow_datasets)",
+                          nullable=True),
+        "tfds_data_dir": Field(None, "str", "older name of data_dir",
+                               nullable=True),
         "dir": Field(None, "str", "directory of the Fashion-MNIST IDX files "
                      "(default $KDJAX_FASHION_MNIST_DIR or "
                      "/usr/share/datasets/fashion-mnist)", nullable=True),
-        "tfds_data_dir": Field(None, "str", "where TFDS prepares and reads "
-                               "datasets (default ~/tensorflow_datasets)",
-                               nullable=True),
-        "train_split": Field("train", "str", "training split"),
-        "eval_split": Field("test", "str", "evaluation split"),
+        "train_path": Field(None, "str", "source: arrays: training images "
+                            "and labels (.npz), or images (.npy: [N, H, W] or "
+                            "[N, H, W, C], uint8 pixels or floats)",
+                            nullable=True),
+        "train_labels_path": Field(None, "str", "source: arrays: training "
+                                   "labels (.npy [N] of class indices, or a "
+                                   ".npz holding label_key) when train_path "
+                                   "holds only the images", nullable=True),
+        "eval_path": Field(None, "str", "source: arrays: evaluation images "
+                           "and labels (.npz) or images (.npy)",
+                           nullable=True),
+        "eval_labels_path": Field(None, "str", "source: arrays: evaluation "
+                                  "labels (.npy or .npz)", nullable=True),
+        "image_key": Field("image", "str", "the images' name in a .npz "
+                           "(arrays) or the image feature (tfds)"),
+        "label_key": Field("label", "str", "the labels' name in a .npz "
+                           "(arrays) or the label feature (tfds)"),
+        "train_split": Field("train", "str", "training split (tfds, idx)"),
+        "eval_split": Field("test", "str", "evaluation split (tfds, idx)"),
         "max_train_examples": Field(None, "int", "use only the first N "
                                     "training examples", nullable=True,
                                     minimum=1),
         "max_eval_examples": Field(None, "int", "use only the first N "
                                    "evaluation examples", nullable=True,
                                    minimum=1),
-        "num_classes": Field(10, "int", "number of classes", minimum=2),
-        "mean": Field(0.2860, "float", "image = (pixels / 255 - mean) / std"),
-        "std": Field(0.3530, "float", "image = (pixels / 255 - mean) / std",
+        "num_classes": Field(None, "int", "number of classes; null: from the "
+                             "data (arrays: the largest label + 1; tfds: "
+                             "the label ClassLabel; Fashion-MNIST and "
+                             "synthetic: 10)", nullable=True, minimum=2),
+        "mean": Field(None, "float", "image = (pixels / 255 - mean) / std "
+                      "(float images: (pixels - mean) / std); null: computed "
+                      "from the training split (Fashion-MNIST: 0.286)",
+                      nullable=True),
+        "std": Field(None, "float", "see mean; null: computed from the "
+                     "training split (Fashion-MNIST: 0.353)", nullable=True,
                      minimum=1e-12),
         "batch_size": Field(128, "int", "training batch size", minimum=1),
         "eval_batch_size": Field(1000, "int", "evaluation batch size",
@@ -248,7 +296,8 @@ def _type_name(value: Any) -> str:
 
 def _expected(field: Field) -> str:
   words = {"int": "an int", "float": "a number", "bool": "true or false",
-           "str": "a string", "ints": "a list of ints", "dict": "a mapping"}
+           "str": "a string", "ints": "a list of ints",
+           "strs": "a list of strings", "dict": "a mapping"}
   text = words[field.kind]
   if field.minimum is not None and field.kind in ("int", "float", "ints"):
     bound = (int(field.minimum) if float(field.minimum).is_integer()
@@ -303,6 +352,11 @@ def _coerce(path: str, field: Field, value: Any) -> Any:
     if field.minimum is not None and any(v < field.minimum for v in out):
       raise bad()
     return out
+  elif kind == "strs":
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in items):
+      raise bad()
+    return [str(v) for v in items]
   elif kind == "dict":
     if not isinstance(value, Mapping):
       raise bad()
@@ -456,6 +510,8 @@ def validate(config: dict) -> dict:
     ConfigError: a type, a choice or the method and its hyper-parameters.
   """
   _validate("", SCHEMA, config)
+  _validate_models(config)
+  _validate_data(config)
   _validate_method(config)
   _validate_combinations(config)
   return config
@@ -468,6 +524,10 @@ def load_config(paths: Sequence[str] = (),
   Args:
     paths: YAML files, applied in order.
     overrides: ``"section.key=value"`` strings, applied in order.
+
+  ``null`` ``data.num_classes``, ``data.mean`` and ``data.std`` are then
+  filled from the data (:func:`kdjax.cli._data.resolve`: this reads the
+  training labels and images once).
 
   Returns:
     The validated config (nested dicts of plain values).
@@ -484,7 +544,10 @@ def load_config(paths: Sequence[str] = (),
       raise ConfigError(f"{path}: {e}") from None
   for text in overrides:
     apply_override(config, text)
-  return validate(config)
+  validate(config)
+  from kdjax.cli import _data  # pylint: disable=g-import-not-at-top
+  _data.resolve(config["data"])
+  return config
 
 
 # -----------------------------------------------------------------------------
@@ -532,7 +595,8 @@ def method_spec(config: Mapping[str, Any]):
   """The :class:`kdjax.methods.MethodSpec` of ``config['distill']``.
 
   ``distill.temperature`` overrides the method's ``temperature`` (methods
-  without one ignore it), then ``distill.hparams`` its hyper-parameters.
+  without one ignore it), the models' ``features`` its feature names
+  (:func:`feature_defaults`), then ``distill.hparams`` its hyper-parameters.
   """
   from kdjax import methods  # pylint: disable=g-import-not-at-top
   d = config["distill"]
@@ -543,7 +607,7 @@ def method_spec(config: Mapping[str, Any]):
         f"{_suggest(name, methods.METHODS)}; known methods: "
         f"{', '.join(sorted(methods.METHODS))}.")
   base = methods.METHODS[name]
-  overrides = {}
+  overrides = feature_defaults(config, base.hparams)
   for key, value in d["hparams"].items():
     if key not in base.hparams:
       raise ConfigError(
@@ -554,6 +618,69 @@ def method_spec(config: Mapping[str, Any]):
   if d["temperature"] is not None and "temperature" in base.hparams:
     overrides["temperature"] = d["temperature"]
   return methods.get_method(name, **overrides)
+
+
+def feature_defaults(config: Mapping[str, Any],
+                     hparams: Mapping[str, Any]) -> dict:
+  """The feature names a method reads, from ``student.features`` and
+  ``teacher.features`` (as torchdistill's configs name a model's hooks):
+  ``student_feature``/``teacher_feature`` are the last listed feature,
+  ``pairs`` the listed features zipped (``distill.hparams`` still win)."""
+  s = list(config["student"].get("features") or ())
+  t = list(config["teacher"].get("features") or ())
+  out: dict = {}
+  if "student_feature" in hparams:
+    if s:
+      out["student_feature"] = s[-1]
+    if t:
+      out["teacher_feature"] = t[-1]
+  if "pairs" in hparams and s and t and "pairs" not in config["distill"][
+      "hparams"]:
+    if len(s) != len(t):
+      raise ConfigError(
+          f"config keys 'student.features' ({s}) and 'teacher.features' "
+          f"({t}) pair up for method {config['distill']['method']!r}: list "
+          "as many of each (or set distill.hparams.pairs).")
+    out["pairs"] = tuple(zip(s, t))
+  return out
+
+
+def _validate_models(config: dict) -> None:
+  """Each arch is built in or a module class that imports (ConfigError)."""
+  for side in ("teacher", "student"):
+    arch = config[side]["arch"]
+    if arch in BUILTIN_ARCHS:
+      continue
+    if ":" not in arch:
+      hint = _suggest(arch, BUILTIN_ARCHS)
+      if "." in arch and not hint:
+        hint = f" (did you mean {':'.join(arch.rsplit('.', 1))!r}?)"
+      raise ConfigError(
+          f"config key '{side}.arch' must be one of {', '.join(BUILTIN_ARCHS)} "
+          f"or an import path 'package.module:ClassName' of a Flax linen or "
+          f"NNX module, got {arch!r}{hint}.")
+    from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
+    _models.import_arch(arch, f"{side}.arch")
+
+
+def _validate_data(config: dict) -> None:
+  data = config["data"]
+  if data["source"] != "arrays":
+    return
+  for side in ("train", "eval"):
+    path, labels = data[f"{side}_path"], data[f"{side}_labels_path"]
+    if path is None:
+      raise ConfigError(
+          f"config key 'data.{side}_path' is needed by data.source: arrays (a "
+          ".npz of images and labels, or a .npy of images).")
+    for key, p in ((f"{side}_path", path), (f"{side}_labels_path", labels)):
+      if p is not None and not p.endswith((".npz", ".npy")):
+        raise ConfigError(f"config key 'data.{key}' must name a .npz or .npy "
+                          f"file, got {p!r}.")
+    if path.endswith(".npy") and labels is None:
+      raise ConfigError(
+          f"config key 'data.{side}_labels_path' is needed: data.{side}_path "
+          f"({path!r}) is a .npy of images only.")
 
 
 def _validate_method(config: dict) -> None:
