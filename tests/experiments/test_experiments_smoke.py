@@ -66,7 +66,7 @@ def env(tmp_path_factory):
   yield {"root": root, "data_dir": str(data_dir), "scripts": scripts}
   sys.path[:] = saved_path
   for name in set(sys.modules) - saved_modules:
-    if name in ("common", "fashion_mnist_kd") or name.startswith("_kdjax_experiment_"):
+    if name in ("common", "fashion_mnist_kd", "fashion_mnist_teacher") or name.startswith("_kdjax_experiment_"):
       del sys.modules[name]
 
 
@@ -211,3 +211,57 @@ def test_lm_cross_tokenizer_tiny(tmp_path):
   # The ULD term pulls the student's sorted distribution towards the teacher's.
   assert (result["CE + ULD"]["uld_to_teacher"]
           < result["student alone"]["uld_to_teacher"])
+
+
+def test_main_job_smoke(env, tmp_path):
+  """The main job end to end (2-epoch teacher, tiny students): table, JSON, PNG."""
+  import fashion_mnist_kd  # pylint: disable=g-import-not-at-top
+  out_json, out_png = tmp_path / "main.json", tmp_path / "main.png"
+  payload = fashion_mnist_kd.main(
+      ["--smoke", "--schedules", "--no-progress", "--data-dir", env["data_dir"],
+       "--workdir", str(tmp_path / "work"), "--json", str(out_json),
+       "--png", str(out_png)])
+  with open(out_json) as f:
+    saved = json.load(f)
+  runs = {(r["regime"].split(" (")[0], r["run"]) for r in saved["rows"]}
+  assert ("full", "alone") in runs and ("full", "distilled") in runs
+  assert {("full", f"distilled, w {s}") for s in ("linear", "cosine", "step")} <= runs
+  for row in saved["rows"]:
+    _check_accuracy(row["accuracy"])
+    assert len(row["accuracy"]) == 2  # two seeds
+    if row["run"] != "alone":
+      alone = next(r for r in saved["rows"] if r["regime"] == row["regime"]
+                   and r["run"] == "alone")
+      gains = 100 * (np.asarray(row["accuracy"]) - np.asarray(alone["accuracy"]))
+      np.testing.assert_allclose(row["gain"]["per_seed"], gains, atol=1e-9)
+  assert saved["student"]["flops_per_example"] * 5 < saved["teacher"]["flops_per_example"]
+  assert saved["student"]["params"] * 5 < saved["teacher"]["params"]
+  with open(out_png, "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  assert payload["table"].startswith("| training set |")
+
+
+def test_committed_teacher_artifact_verifies(env):  # env: experiments/ on sys.path
+  """The committed teacher loads, its fingerprint matches, and it is >= 93%."""
+  import fashion_mnist_teacher as ft  # pylint: disable=g-import-not-at-top
+  teacher = ft.load_teacher()
+  assert teacher["meta"]["test_accuracy"] >= 0.93
+  assert teacher["meta"]["recipe"] == ft.TEACHER_RECIPE
+
+
+def test_teacher_artifact_mismatch_says_how_to_rebuild(env, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import fashion_mnist_teacher as ft  # pylint: disable=g-import-not-at-top
+  art = tmp_path / "teacher"
+  shutil.copytree(ft.DEFAULT_ARTIFACT, art)
+  meta = json.loads((art / "teacher.json").read_text())
+  meta["fingerprint"] = "sha256:" + "0" * 64
+  (art / "teacher.json").write_text(json.dumps(meta))
+  with pytest.raises(ft.TeacherArtifactError, match="--retrain-teacher"):
+    ft.load_teacher(str(art))
+  meta["recipe"] = {**meta["recipe"], "epochs": 3}
+  (art / "teacher.json").write_text(json.dumps(meta))
+  with pytest.raises(ft.TeacherArtifactError, match="epochs: 3"):
+    ft.load_teacher(str(art))
+  with pytest.raises(ft.TeacherArtifactError, match="no teacher artifact"):
+    ft.load_teacher(str(tmp_path / "missing"))
