@@ -57,7 +57,7 @@ def parse_args(argv):
   p.add_argument("--kd-weights", type=float, nargs="+", default=[0.5, 0.9])
   p.add_argument("--full-epochs", type=int, nargs="+", default=[10, 20, 40],
                  help="epoch budgets of the full regime (stage 1 uses the middle one)")
-  p.add_argument("--subset-size", type=int, default=1800)
+  p.add_argument("--subset-size", type=int, default=1800, help="0: skip the subset regime")
   p.add_argument("--subset-epochs", type=int, nargs="+", default=[50, 100, 200])
   p.add_argument("--lr", type=float, default=main_job.DEFAULTS["lr"])
   p.add_argument("--batch-size", type=int, default=main_job.DEFAULTS["batch_size"])
@@ -151,8 +151,9 @@ def main(argv=None) -> dict:
 
   val_cache = build("val", val_idx)
   sub = train_idx[main_job.subset_indices(len(train_idx), args.subset_size)]
-  caches = {"full": (build("train", train_idx), args.full_epochs),
-            "subset": (build("subset", sub), args.subset_epochs)}
+  caches = {"full": (build("train", train_idx), args.full_epochs)}
+  if args.subset_size:
+    caches["subset"] = (build("subset", sub), args.subset_epochs)
   lines = []
 
   def log(text):
