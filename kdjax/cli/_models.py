@@ -161,8 +161,7 @@ def _construct(arch: str, cls: type, kwargs: Mapping[str, Any]):
 
 def build_module(model: Mapping[str, Any], num_classes: int):
   """The module of a ``teacher``/``student`` config section: a linen module
-  (cnn, mlp, a user's linen class) or a :class:`UserModel` (a user's NNX
-  class)."""
+  (cnn, mlp) or a :class:`UserModel` (a user's linen or NNX class)."""
   from kdjax import models  # pylint: disable=g-import-not-at-top
   kwargs = dict(model.get("kwargs") or {})
   arch = model["arch"]
@@ -178,7 +177,9 @@ def build_module(model: Mapping[str, Any], num_classes: int):
   cls, kind = import_arch(arch)
   user = UserModel(arch=arch, cls=cls, kind=kind, kwargs=kwargs,
                    num_classes=num_classes)
-  return user.linen() if kind == "linen" else user
+  if kind == "linen":
+    user.linen()  # its arguments are checked now
+  return user
 
 
 def make_apply(module, feature_names: Sequence[str] = ()):
@@ -188,6 +189,8 @@ def make_apply(module, feature_names: Sequence[str] = ()):
   batch's image shape."""
   from kdjax import models  # pylint: disable=g-import-not-at-top
   names = tuple(feature_names)
+  if isinstance(module, UserModel) and module.kind == "linen":
+    module = module.linen()
   if not isinstance(module, UserModel):
     train = "train" if "train" in _parameters(module.__call__) else None
     return models.from_linen(module, feature_names=names, train_kwarg=train)
@@ -225,40 +228,42 @@ def _init_kwargs(module) -> dict:
   return {"train": False} if "train" in _parameters(module.__call__) else {}
 
 
-def _check_logits(module, logits_shape, num_classes: Optional[int]) -> None:
-  if num_classes is None or logits_shape[-1] == num_classes:
+def _check_logits(module: "UserModel", logits_shape) -> None:
+  if logits_shape[-1] == module.num_classes:
     return
   from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
-  name = getattr(module, "arch", type(module).__name__)
   raise ConfigError(
-      f"{name} returns logits of shape {tuple(logits_shape)} but the data "
-      f"have {num_classes} classes: give its constructor a num_classes "
-      "argument (kdjax passes it) or set it in the model's kwargs.")
-
-
-def _linen_num_classes(module) -> Optional[int]:
-  return getattr(module, "num_classes", None)
+      f"{module.arch} returns logits of shape {tuple(logits_shape)} but the "
+      f"data have {module.num_classes} classes: give its constructor a "
+      "num_classes argument (kdjax passes it) or set it in the model's "
+      "kwargs.")
 
 
 def init_variables(module, rng, image_shape: Sequence[int]) -> dict:
-  """The initial variables for images of ``image_shape`` ([H, W, C])."""
+  """The initial variables for images of ``image_shape`` ([H, W, C]).
+
+  Raises:
+    ConfigError: a cnn with too many blocks for the images, or a user's
+      model whose logits do not have the data's number of classes.
+  """
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  k_params, k_dropout = jax.random.split(rng)
-  if isinstance(module, UserModel):
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from kdjax import models  # pylint: disable=g-import-not-at-top
-    model = module.nnx(image_shape, nnx.Rngs(k_params, dropout=k_dropout))
-    apply, variables = models.from_nnx(model)
-    logits = jax.eval_shape(lambda v: apply(v, {"image": x}).logits, variables)
-    _check_logits(module, logits.shape, module.num_classes)
-    return variables
-  _check_image_size(module, image_shape)
-  if isinstance(module, _builtin_types()):
+  if not isinstance(module, UserModel):  # cnn, mlp
+    _check_image_size(module, image_shape)
     return _strip(module.init(rng, x, train=False))
-  out, variables = module.init_with_output(
-      {"params": k_params, "dropout": k_dropout}, x, **_init_kwargs(module))
-  _check_logits(module, np.shape(_logits_of(out)), _linen_num_classes(module))
-  return _strip(variables)
+  k_params, k_dropout = jax.random.split(rng)
+  if module.kind == "linen":
+    linen = module.linen()
+    out, variables = linen.init_with_output(
+        {"params": k_params, "dropout": k_dropout}, x, **_init_kwargs(linen))
+    _check_logits(module, np.shape(_logits_of(out)))
+    return _strip(variables)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+  model = module.nnx(image_shape, nnx.Rngs(k_params, dropout=k_dropout))
+  apply, variables = models.from_nnx(model)
+  logits = jax.eval_shape(lambda v: apply(v, {"image": x}).logits, variables)
+  _check_logits(module, logits.shape)
+  return variables
 
 
 def _logits_of(out):
@@ -271,13 +276,10 @@ def _logits_of(out):
   return getattr(out, "logits", out)
 
 
-def _builtin_types() -> tuple:
-  from kdjax import models  # pylint: disable=g-import-not-at-top
-  return (models.CNN, models.MLP)
-
-
 def abstract_variables(module, image_shape: Sequence[int]) -> dict:
   """The variables' shapes and dtypes, without computing them."""
+  if isinstance(module, UserModel) and module.kind == "linen":
+    module = module.linen()
   if isinstance(module, UserModel):
     from kdjax import models  # pylint: disable=g-import-not-at-top
     return models.from_nnx(module.abstract_nnx(image_shape))[1]
