@@ -9,12 +9,17 @@
   silently); these checksums do.
 * :func:`describe_mismatch`: the leaves where a target tree and a checkpoint's
   metadata differ, for clear error messages.
+* :func:`draining_event_loops`: orbax reads of a broken checkpoint that end
+  without stray asyncio tracebacks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-from typing import Any, Mapping
+import threading
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -286,3 +291,60 @@ def describe_mismatch(target: Mapping[str, Any],
   add("leaves missing from the checkpoint", missing)
   add("leaves in the checkpoint but not in the model", extra)
   return lines
+
+
+# -----------------------------------------------------------------------------
+# Reading a broken checkpoint without stray tracebacks.
+# -----------------------------------------------------------------------------
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its pending tasks finish before it closes.
+
+  Orbax runs its reads as ``asyncio.gather`` of TensorStore futures in a fresh
+  loop (``asyncio_utils.run_sync``). When one read fails (a corrupted step),
+  ``gather`` raises at once and orbax closes the loop while the other reads
+  are still in flight; each of them, completing later on a TensorStore
+  thread, calls ``loop.call_soon_threadsafe`` on the closed loop and prints a
+  ``RuntimeError: Event loop is closed`` traceback (and their coroutines,
+  destroyed pending, print more when collected). Closing this loop first
+  runs it until those tasks are done (their exceptions collected, not
+  raised), so nothing completes after the close.
+  """
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      pending = asyncio.all_tasks(self)
+      if pending:
+        self.run_until_complete(
+            asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  """The default policy, whose new loops are :class:`_DrainingEventLoop` s."""
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingEventLoop()
+
+
+_POLICY_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def draining_event_loops() -> Iterator[None]:
+  """Within it, new asyncio loops drain their tasks before closing.
+
+  Wrap orbax reads that may fail (restoring a step that may be corrupted):
+  the failure is then raised once, cleanly, with no read left running. The
+  event loop policy is process-wide, so it is swapped under a lock and put
+  back on exit; loops created meanwhile by other threads behave like the
+  default ones except for the drain on close.
+  """
+  with _POLICY_LOCK:
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+      yield
+    finally:
+      asyncio.set_event_loop_policy(previous)

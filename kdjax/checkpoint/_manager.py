@@ -148,8 +148,10 @@ def _decode_iterator_state(state: Any) -> Any:
 
 
 def _short(e: BaseException, limit: int = 400) -> str:
+  """``"Type: message"`` on one line, without TensorStore's spec dumps."""
   text = " ".join(str(e).split())
-  text = text.split(" See full TensorStore details")[0]
+  for dump in (" See full TensorStore details", " [tensorstore_spec="):
+    text = text.split(dump)[0]
   if len(text) > limit:
     text = text[:limit] + " ..."
   return f"{type(e).__name__}: {text}"
@@ -550,23 +552,8 @@ class DistillCheckpointer:
     if not fallback:
       candidates = candidates[:1]
     abstract = abstract_like(template, shardings)
-    failures = []
-    for candidate in candidates:
-      result, error = self._restore_agreed(candidate, abstract, verify,
-                                           allow_teacher_change)
-      if error is None:
-        break
-      if not fallback:
-        raise error
-      log.warning("%s Falling back to an older step.", error)
-      failures.append((candidate, error))
-    else:
-      raise CheckpointCorruptedError(
-          f"no restorable checkpoint in {self._directory}; tried steps "
-          f"{[s for s, _ in failures]}: "
-          + " | ".join(str(e) for _, e in failures),
-          path=str(self._directory))
-    skipped = tuple(s for s, _ in failures)
+    result, skipped = self._first_restorable(candidates, abstract, verify,
+                                             allow_teacher_change, fallback)
     if skipped:
       self._quarantine(skipped)
     if data_iterator is not None:
@@ -589,6 +576,34 @@ class DistillCheckpointer:
                   result.step, changed)
     return result._replace(skipped_steps=skipped)
 
+  def _first_restorable(self, candidates: Sequence[int], abstract: Any,
+                        verify: bool, allow_teacher_change: bool,
+                        fallback: bool):
+    """``(RestoredRun, skipped steps)``: the newest candidate that restores.
+
+    Each corrupted step but the last is logged once (with the next step
+    tried); the last one's error is raised (without ``fallback``: as is),
+    naming the others.
+    """
+    skipped = []
+    for i, candidate in enumerate(candidates):
+      result, error = self._restore_agreed(candidate, abstract, verify,
+                                           allow_teacher_change)
+      if error is None:
+        return result, tuple(skipped)
+      if i + 1 == len(candidates):
+        break
+      log.warning("%s Falling back to step %d.", error, candidates[i + 1])
+      skipped.append(candidate)
+    if not fallback:
+      raise error
+    others = (f"steps {skipped + [candidate]} are all corrupted or unreadable "
+              "(the newer ones are logged above); the oldest: " if skipped
+              else "")
+    raise CheckpointCorruptedError(
+        f"no restorable checkpoint in {self._directory}: {others}{error}",
+        step=candidate, path=str(self._directory)) from error
+
   def _restore_agreed(self, step: int, abstract: Any, verify: bool,
                       allow_teacher_change: bool):
     """``(RestoredRun, None)`` or ``(None, CheckpointCorruptedError)``.
@@ -601,7 +616,8 @@ class DistillCheckpointer:
     path = self.step_path(step)
     result, error, outcome = None, None, _OK
     try:
-      result = self._restore_step(step, abstract, allow_teacher_change)
+      with _integrity.draining_event_loops():
+        result = self._restore_step(step, abstract, allow_teacher_change)
     except CheckpointCorruptedError as e:
       error, outcome = e, _CORRUPTED
     except Exception as e:  # pylint: disable=broad-except
@@ -659,15 +675,16 @@ class DistillCheckpointer:
       if len(per_process) == jax.process_count():
         data_state = per_process[jax.process_index()]
 
+    handler = ocp.PyTreeCheckpointHandler()
     try:
-      handler = ocp.PyTreeCheckpointHandler()
       stored = _integrity.metadata_shapes(
           handler.metadata(path / STATE_ITEM).tree)
-      handler.close()
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointCorruptedError(
           f"{where} is corrupted or incomplete: its state metadata cannot be "
           f"read ({_short(e)}).", step=step, path=str(path)) from e
+    finally:
+      handler.close()
     mismatch = _integrity.describe_mismatch(
         _integrity.flat_with_paths(abstract), stored)
     if mismatch:
