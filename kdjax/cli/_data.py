@@ -189,9 +189,10 @@ def _prepared_builder(data: Mapping[str, Any]):
 
 def _tfds_source(data: Mapping[str, Any], which: str):
   """A split of a prepared TFDS dataset other than the Fashion-MNIST builder."""
+  from kdjax.data import tfds_prepared  # pylint: disable=g-import-not-at-top
   builder = _prepared_builder(data)
   split, limit = _split(data, which), _limit(data, which)
-  splits = sorted(builder.info.splits)
+  splits = tfds_prepared.split_names(builder)
   base = split.split("[")[0]
   if "+" not in split and base not in splits:
     key = "data.train_split" if which == "train" else "data.eval_split"

@@ -96,12 +96,6 @@ def _parameters(fn) -> dict:
     return {}
 
 
-def _accepts(fn, name: str) -> bool:
-  params = _parameters(fn)
-  return name in params or any(p.kind is p.VAR_KEYWORD
-                               for p in params.values())
-
-
 @dataclasses.dataclass(frozen=True)
 class UserModel:
   """A user's module class, built for the data by :func:`make_apply` and
@@ -140,11 +134,6 @@ class UserModel:
     """The NNX module's structure, its arrays as shapes only."""
     from flax import nnx  # pylint: disable=g-import-not-at-top
     return nnx.eval_shape(lambda: self.nnx(image_shape, nnx.Rngs(0)))
-
-  @property
-  def train_kwarg(self) -> Optional[str]:
-    """The linen ``__call__``'s train flag, if it has one."""
-    return "train" if "train" in _parameters(self.cls.__call__) else None
 
 
 def _construct(arch: str, cls: type, kwargs: Mapping[str, Any]):
