@@ -12,17 +12,6 @@ from kdjax.losses import _utils
 from kdjax.losses._divergences import kl_from_log_probs
 
 
-def _check_labels(student_logits, labels):
-  shape = jnp.shape(student_logits)
-  if tuple(jnp.shape(labels)) != tuple(shape[:-1]):
-    raise ValueError(
-        f"labels shape {tuple(jnp.shape(labels))} does not match the logits' "
-        f"batch shape {tuple(shape[:-1])}.")
-  if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-    raise ValueError(
-        f"labels must be integers, got dtype {jnp.asarray(labels).dtype}.")
-
-
 def dkd_terms(student_logits: chex.Array,
               teacher_logits: chex.Array,
               labels: chex.Array,
@@ -39,14 +28,24 @@ def dkd_terms(student_logits: chex.Array,
 
   and the classic KD decomposes as ``KD = TCKD + (1 - p^t_y) NCKD``.
 
+  Checks: as :func:`dkd`.
+
   Returns:
     ``(tckd, nckd)``, each ``[...]``.
   """
+  return _dkd_terms(student_logits, teacher_logits, labels, temperature,
+                    "dkd_terms")
+
+
+def _dkd_terms(student_logits, teacher_logits, labels, temperature,
+               loss_name: str):
+  """:func:`dkd_terms` whose label errors name ``loss_name``."""
   _utils.check_logits_pair(student_logits, teacher_logits)
-  _check_labels(student_logits, labels)
+  shape = jnp.shape(student_logits)
+  _utils.check_labels(labels, shape[-1], shape[:-1], loss_name)
   _utils.check_temperature(temperature)
   t = jnp.asarray(temperature, jnp.float32)
-  num_classes = jnp.shape(student_logits)[-1]
+  num_classes = shape[-1]
   if num_classes < 2:
     raise ValueError("DKD needs at least 2 classes.")
   target = jax.nn.one_hot(labels, num_classes, dtype=bool)
@@ -96,13 +95,21 @@ def dkd(student_logits: chex.Array,
     mask: optional ``[...]``.
     reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
+  Checks: shapes and the labels' dtype always; labels outside ``[0, C)``
+  (masked positions included), ``temperature <= 0`` and negative
+  ``alpha``/``beta`` raise ``ValueError`` eagerly when concrete. Traced under
+  ``jax.jit`` they are checked only under :func:`kdjax.losses.runtime_checks`
+  (``kdjax.train.make_train_step(..., checks=True)``); otherwise an
+  out-of-range label silently gives a wrong finite loss (its one-hot is all
+  zeros) and ``T = 0`` gives NaN.
+
   References:
     Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022.
   """
   _utils.check_non_negative(alpha, "DKD alpha")
   _utils.check_non_negative(beta, "DKD beta")
-  tckd, nckd = dkd_terms(student_logits, teacher_logits, labels,
-                         temperature=temperature)
+  tckd, nckd = _dkd_terms(student_logits, teacher_logits, labels, temperature,
+                          "dkd")
   return _utils.reduce_loss(alpha * tckd + beta * nckd, mask, reduction)
 
 

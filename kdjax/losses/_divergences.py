@@ -426,22 +426,32 @@ def hard_label_cross_entropy(student_logits: chex.Array,
     label_smoothing: mass spread uniformly over all classes, in ``[0, 1]``.
     mask: optional ``[...]``.
     reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+  Checks: the labels' shape and dtype always; labels outside ``[0, C)``
+  (masked positions included) and ``label_smoothing`` outside ``[0, 1]``
+  raise ``ValueError`` eagerly when concrete. Traced under ``jax.jit`` they
+  are checked only under :func:`kdjax.losses.runtime_checks`
+  (``kdjax.train.make_train_step(..., checks=True)``); otherwise an
+  out-of-range label gives NaN.
   """
+  return labelled_cross_entropy(student_logits, labels,
+                                "hard_label_cross_entropy",
+                                label_smoothing=label_smoothing, mask=mask,
+                                reduction=reduction)
+
+
+def labelled_cross_entropy(student_logits: chex.Array,
+                           labels: chex.Array,
+                           loss_name: str,
+                           *,
+                           arg_name: str = "labels",
+                           label_smoothing: float = 0.0,
+                           mask: Optional[chex.Array] = None,
+                           reduction: str = "mean") -> chex.Array:
+  """:func:`hard_label_cross_entropy` whose errors name ``loss_name`` and ``arg_name``."""
   shape = jnp.shape(student_logits)
-  if tuple(jnp.shape(labels)) != tuple(shape[:-1]):
-    raise ValueError(
-        f"labels shape {tuple(jnp.shape(labels))} does not match the logits' "
-        f"batch shape {tuple(shape[:-1])} (logits shape {shape}).")
-  if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-    raise ValueError(
-        f"labels must be integers, got dtype {jnp.asarray(labels).dtype}.")
+  _utils.check_labels(labels, shape[-1], shape[:-1], loss_name, arg_name)
   _utils.check_unit_interval(label_smoothing, "label_smoothing")
-  concrete = _utils._concrete_value(labels)  # pylint: disable=protected-access
-  if concrete is not None and concrete.size and (
-      concrete.min() < 0 or concrete.max() >= shape[-1]):
-    raise ValueError(
-        f"labels must lie in [0, {shape[-1]}) for {shape[-1]} classes; got "
-        f"values in [{concrete.min()}, {concrete.max()}].")
   log_q = jax.nn.log_softmax(_utils.to_float32(student_logits), axis=-1)
   nll = -jnp.take_along_axis(log_q, jnp.asarray(labels)[..., None], axis=-1)[
       ..., 0]

@@ -771,12 +771,20 @@ def cross_entropy_from_hidden(student_hidden: chex.Array,
   labels)`` (same chunking, sharding and engines as
   :func:`divergence_from_hidden`), so that a CE + KD step never forms full
   logits. ``labels`` is ``[...]`` int with the hidden states' leading shape.
+
+  Checks: the labels' shape and dtype always; labels outside ``[0, V)`` (``V``
+  = ``vocab_size`` or the kernel's columns; masked positions included) raise
+  ``ValueError`` eagerly when concrete, and under jit only under
+  :func:`kdjax.losses.runtime_checks`. With ``axis_name`` (inside
+  ``shard_map``) the range is not checked here:
+  :func:`vocab_sharded_divergence_from_hidden` checks it before sharding.
   """
   _check_unembedding(student_hidden, student_unembedding, "student")
   lead = tuple(jnp.shape(student_hidden)[:-1])
-  if tuple(jnp.shape(labels)) != lead:
-    raise ValueError(f"labels {jnp.shape(labels)} must have the hidden states' "
-                     f"leading shape {lead}.")
+  num_classes = None
+  if axis_name is None:
+    num_classes = vocab_size or jnp.shape(student_unembedding[0])[-1]
+  _utils.check_labels(labels, num_classes, lead, "cross_entropy_from_hidden")
   sharded_vocab = _check_sharded_vocab(axis_name, vocab_size)
   if axis_name is None:
     student_unembedding = _slice_vocab(student_unembedding, vocab_size,
@@ -823,7 +831,9 @@ def vocab_sharded_divergence_from_hidden(
     teacher_top_k: a :class:`TopKTeacher` with global vocabulary indices; or
     labels: ``[B, ...]`` int targets: the student's cross-entropy
       (:func:`cross_entropy_from_hidden`; ``temperature`` and the divergence
-      options are then unused).
+      options are then unused). Checked as there (on the global array,
+      before sharding): outside ``[0, V)`` raises ``ValueError`` eagerly when
+      concrete, and under jit only under :func:`kdjax.losses.runtime_checks`.
     vocab_axis: mesh axis of the vocabulary; ``V`` must divide evenly (pad the
       vocabulary and pass ``vocab_size`` for the real size).
     token_axis: mesh axis (or axes) of the batch, or ``None``.
@@ -853,6 +863,15 @@ def vocab_sharded_divergence_from_hidden(
           "labels": "labels"}[given[0]]
   if kind == "dense" and teacher_unembedding is None:
     raise ValueError("teacher_hidden needs teacher_unembedding.")
+  # Value checks run here, on the global arrays: inside shard_map the
+  # temperature and labels are traced (and the vocabulary is a shard's).
+  if kind == "labels":
+    _utils.check_labels(
+        labels, kwargs.get("vocab_size") or jnp.shape(student_unembedding[0])[-1],
+        tuple(jnp.shape(student_hidden)[:-1]),
+        "vocab_sharded_divergence_from_hidden")
+  else:
+    _utils.check_temperature(temperature)
   shards = mesh.shape[vocab_axis]
   kernels = [student_unembedding[0]]
   if kind == "dense":
@@ -894,6 +913,10 @@ def vocab_sharded_divergence_from_hidden(
   args.append(jnp.asarray(temperature, jnp.float32))
 
   def local(*local_args):
+    with _utils.runtime_checks(False):  # checked above, before shard_map
+      return local_sums(*local_args)
+
+  def local_sums(*local_args):
     h_s, emb_s, m = local_args[:3]
     t = local_args[-1]
     if kind == "dense":

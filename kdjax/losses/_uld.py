@@ -346,9 +346,15 @@ def universal_logit_distillation_parts(student_logits: chex.Array,
   1), ``ULD`` is :func:`uld_loss`. This is the objective of Boizard et al.
   2024 (Eq. "L = L_CE + lambda L_ULD"; reference ``DistillationLoss`` with
   ``crossentropy_weight = 1``). Arguments as in :func:`uld_loss`.
+
+  ``student_targets`` are checked as the labels of
+  :func:`kdjax.losses.hard_label_cross_entropy`: outside ``[0, V_s)``
+  (response mask or not) they raise ``ValueError`` eagerly when concrete,
+  and under jit only under :func:`kdjax.losses.runtime_checks`.
   """
-  ce = _divergences.hard_label_cross_entropy(
-      student_logits, student_targets, mask=student_response_mask)
+  ce = _divergences.labelled_cross_entropy(
+      student_logits, student_targets, "universal_logit_distillation",
+      arg_name="student_targets", mask=student_response_mask)
   uld = uld_loss(student_logits, student_response_mask, teacher_logits,
                  teacher_response_mask, temperature,
                  teacher_temperature=teacher_temperature, top_k=top_k,

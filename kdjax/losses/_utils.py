@@ -1,24 +1,72 @@
 """Shared validation, masking and reduction helpers of the loss library.
 
 These helpers are private: every public loss documents its own arguments. They are
-jit/grad/vmap-safe; validation that needs a concrete value (``temperature > 0``)
-runs only when the value is concrete (a Python number or a non-traced array) and
-is skipped for traced values (e.g. a temperature that follows a schedule inside
-``jax.jit``), where it cannot raise.
+jit/grad/vmap-safe. Validation that needs a value (``temperature > 0``, labels in
+``[0, C)``) runs *eagerly* when the value is concrete (a Python number, a NumPy or
+a non-traced JAX array) and raises ``ValueError``. A traced value (a temperature
+that follows a schedule inside ``jax.jit``, the labels of a jitted batch) cannot
+raise there; inside :func:`runtime_checks` the same conditions are emitted as
+``jax.experimental.checkify`` checks instead (the train step's ``checks=True``),
+and outside it they are skipped: no check, no cost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional, Union
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 Scalar = Union[float, chex.Array]
 
 REDUCTIONS = ("mean", "sum", "none")
+
+_RUNTIME_CHECKS = contextvars.ContextVar("kdjax_losses_runtime_checks",
+                                         default=False)
+
+
+@contextlib.contextmanager
+def runtime_checks(enabled: bool = True):
+  """Emits the losses' value checks on *traced* values as ``checkify`` checks.
+
+  Inside this context (entered *while tracing*, i.e. inside the function that
+  is jitted), a loss given a traced temperature, mixing weight or label array
+  adds a ``jax.experimental.checkify`` check of the condition it checks
+  eagerly on concrete values (``temperature > 0``, labels in ``[0, C)``, ...).
+  The traced function must then be checkified::
+
+    def loss(s, t, y, T):
+      with losses.runtime_checks():
+        return losses.dkd(s, t, y, temperature=T)
+
+    err, value = jax.jit(checkify.checkify(loss))(s, t, y, 0.0)
+    err.throw()  # JaxRuntimeError: temperature must be > 0, got 0.0 ...
+
+  ``kdjax.train.make_train_step(..., checks=True)`` does this for a whole
+  step. Outside the context (the default) traced values are not checked and
+  the compiled program is unchanged. ``enabled=False`` turns the checks off
+  inside an enclosing context.
+  """
+  token = _RUNTIME_CHECKS.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _RUNTIME_CHECKS.reset(token)
+
+
+def runtime_checks_enabled() -> bool:
+  """Whether traced values are being checked (see :func:`runtime_checks`)."""
+  return _RUNTIME_CHECKS.get()
+
+
+def _escape(text: str) -> str:
+  """``text`` as a literal inside a ``checkify`` format string."""
+  return str(text).replace("{", "{{").replace("}", "}}")
 
 
 def _concrete_value(x) -> Optional[np.ndarray]:
@@ -31,23 +79,92 @@ def _concrete_value(x) -> Optional[np.ndarray]:
     return None
 
 
+def _check_value(value, ok, message: str) -> None:
+  """Raises ``ValueError(message)`` where the elementwise ``ok(value)`` fails.
+
+  ``message`` holds ``{value}``, replaced by the value (``repr``) when it is
+  concrete, which is checked eagerly. A traced value is checked only inside
+  :func:`runtime_checks`, as a ``checkify`` check whose message shows the
+  value (a scalar) or its range (an array).
+  """
+  concrete = _concrete_value(value)
+  if concrete is not None:
+    if np.any(~ok(concrete)):
+      raise ValueError(message.replace("{value}", repr(value)))
+    return
+  if not runtime_checks_enabled():
+    return
+  x = jnp.asarray(value)
+  if x.size == 0:
+    return
+  if x.ndim == 0:
+    shown, fmt = {"v": x}, "{v}"
+  else:
+    shown, fmt = {"lo": jnp.min(x), "hi": jnp.max(x)}, "values in [{lo}, {hi}]"
+  checkify.check(jnp.all(ok(x)), _escape(message).replace("{{value}}", fmt),
+                 **shown)
+
+
 def check_temperature(temperature: Scalar, name: str = "temperature") -> None:
-  value = _concrete_value(temperature)
-  if value is not None and np.any(~(value > 0)):
-    raise ValueError(f"{name} must be > 0, got {temperature!r}.")
+  """``temperature > 0`` (eager when concrete, else under runtime_checks)."""
+  _check_value(temperature, lambda t: t > 0,
+               f"{name} must be > 0, got {{value}}.")
 
 
 def check_unit_interval(value: Scalar, name: str) -> None:
-  concrete = _concrete_value(value)
-  if concrete is not None and np.any(~((concrete >= 0) & (concrete <= 1))):
-    raise ValueError(f"{name} must lie in [0, 1], got {value!r}.")
+  _check_value(value, lambda v: (v >= 0) & (v <= 1),
+               f"{name} must lie in [0, 1], got {{value}}.")
 
 
 def check_non_negative(value: Scalar, name: str) -> None:
-  concrete = _concrete_value(value)
-  if concrete is not None and np.any(~(concrete >= 0)):
-    raise ValueError(f"{name} must be >= 0, got {value!r} (a negative weight "
-                     "would maximise the divergence).")
+  _check_value(value, lambda v: v >= 0,
+               f"{name} must be >= 0, got {{value}} (a negative weight would "
+               "maximise the divergence).")
+
+
+def check_labels(labels: chex.Array, num_classes: Optional[int],
+                 batch_shape: tuple, loss_name: str,
+                 arg_name: str = "labels") -> None:
+  """Integer class labels of shape ``batch_shape`` with values in ``[0, C)``.
+
+  Shape and dtype are always checked (they are static); the range eagerly
+  when ``labels`` are concrete, and under :func:`runtime_checks` when traced
+  (``num_classes=None``: not at all, e.g. a vocabulary shard's labels).
+  Out-of-range labels do not fail by themselves in JAX: a gather clamps or
+  wraps them, a one-hot of them is all zeros, and the loss is silently wrong
+  (or NaN). Errors name ``loss_name``.
+  """
+  shape = tuple(jnp.shape(labels))
+  if shape != tuple(batch_shape):
+    raise ValueError(
+        f"{loss_name}: {arg_name} shape {shape} does not match the logits' "
+        f"batch shape {tuple(batch_shape)} (the logits' shape without the "
+        "class axis).")
+  dtype = getattr(labels, "dtype", None)
+  if dtype is None:
+    dtype = jnp.asarray(labels).dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"{loss_name}: {arg_name} must be integers, got dtype "
+                     f"{dtype}.")
+  if num_classes is None:
+    return
+  concrete = _concrete_value(labels)
+  if concrete is not None:
+    if concrete.size and (concrete.min() < 0 or concrete.max() >= num_classes):
+      raise ValueError(
+          f"{loss_name}: {arg_name} must lie in [0, {num_classes}) for "
+          f"{num_classes} classes; got values in [{concrete.min()}, "
+          f"{concrete.max()}].")
+    return
+  if not runtime_checks_enabled() or not np.prod(shape, dtype=np.int64):
+    return
+  labels = jnp.asarray(labels)
+  lo, hi = jnp.min(labels), jnp.max(labels)
+  checkify.check(
+      (lo >= 0) & (hi < num_classes),
+      _escape(f"{loss_name}: {arg_name} must lie in [0, {num_classes}) for "
+              f"{num_classes} classes; got values in [")
+      + "{lo}, {hi}] (checked at run time).", lo=lo, hi=hi)
 
 
 def check_reduction(reduction: str) -> None:

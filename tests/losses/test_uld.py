@@ -340,7 +340,7 @@ def test_errors():
     _uld.align_responses(zs[0], np.ones(3), zt[0], np.ones(3))
   with pytest.raises(ValueError, match="average"):
     _uld.uld_loss(zs, np.ones((2, 3)), zt, np.ones((2, 3)), average="batch")
-  with pytest.raises(ValueError, match="labels shape"):
+  with pytest.raises(ValueError, match="student_targets shape"):
     _uld.universal_logit_distillation_loss(
         zs, np.zeros((2, 4), np.int32), np.ones((2, 3)), zt, np.ones((2, 3)))
   with pytest.raises(ValueError, match="temperature"):
