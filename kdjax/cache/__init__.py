@@ -7,13 +7,11 @@ shards with a JSON manifest fingerprinting the teacher, the dataset and ``k``;
 trains the student from the cache with no teacher in memory.
 """
 
-from kdjax.cache._cache import CacheMismatchError
-from kdjax.cache._cache import CachedTeacherOutput
-from kdjax.cache._cache import TeacherCache
-from kdjax.cache._cache import build_teacher_cache
-from kdjax.cache._cache import cached_teacher_apply
-from kdjax.cache._cache import open_teacher_cache
-from kdjax.cache._fingerprint import fingerprint_dataset
-from kdjax.cache._fingerprint import fingerprint_tree
-from kdjax.cache._train import make_cached_train_step
-from kdjax.cache._train import top_k_term
+from kdjax import _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "._cache": ("CacheMismatchError", "CachedTeacherOutput", "TeacherCache",
+        "build_teacher_cache", "cached_teacher_apply", "open_teacher_cache"),
+    "._fingerprint": ("fingerprint_dataset", "fingerprint_tree"),
+    "._train": ("make_cached_train_step", "top_k_term"),
+})

@@ -11,16 +11,13 @@
   :func:`restore_teacher` (read-only, into the current mesh's shardings).
 """
 
-from kdjax.checkpoint._export import export_student
-from kdjax.checkpoint._export import restore_teacher
-from kdjax.checkpoint._integrity import CheckpointCorruptedError
-from kdjax.checkpoint._integrity import CheckpointError
-from kdjax.checkpoint._integrity import StructureMismatchError
-from kdjax.checkpoint._integrity import TeacherMismatchError
-from kdjax.checkpoint._integrity import tree_checksums
-from kdjax.checkpoint._integrity import tree_fingerprint
-from kdjax.checkpoint._iterator import ArrayBatchIterator
-from kdjax.checkpoint._iterator import ResumableIterator
-from kdjax.checkpoint._manager import DistillCheckpointer
-from kdjax.checkpoint._manager import RestoredRun
-from kdjax.checkpoint._manager import abstract_like
+from kdjax import _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "._export": ("export_student", "restore_teacher"),
+    "._integrity": ("CheckpointCorruptedError", "CheckpointError",
+        "StructureMismatchError", "TeacherMismatchError", "tree_checksums",
+        "tree_fingerprint"),
+    "._iterator": ("ArrayBatchIterator", "ResumableIterator"),
+    "._manager": ("DistillCheckpointer", "RestoredRun", "abstract_like"),
+})

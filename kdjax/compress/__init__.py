@@ -13,26 +13,15 @@
   arrays (``.npz``) and a loader script that needs jax but not kdjax.
 """
 
-from kdjax.compress._export import export_for_inference
-from kdjax.compress._export import quantize_for_storage
-from kdjax.compress._export import directory_size
-from kdjax.compress._export import LOADER_SOURCE
-from kdjax.compress._prune import PruneState
-from kdjax.compress._prune import apply_masks
-from kdjax.compress._prune import check_sparsity
-from kdjax.compress._prune import compute_masks
-from kdjax.compress._prune import current_masks
-from kdjax.compress._prune import kernel_mask
-from kdjax.compress._prune import prune
-from kdjax.compress._prune import prune_params
-from kdjax.compress._prune import sparsity_of
-from kdjax.compress._prune import sparsity_schedule
-from kdjax.compress._quant import SUPPORTED_BITS
-from kdjax.compress._quant import QuantConfig
-from kdjax.compress._quant import check_bits
-from kdjax.compress._quant import fake_quant
-from kdjax.compress._quant import fake_quant_params
-from kdjax.compress._quant import quant_scale
-from kdjax.compress._quant import quantize_apply
-from kdjax.compress._quant import quantize_to_int
-from kdjax.compress._quant import qwix_quantize_module
+from kdjax import _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "._export": ("export_for_inference", "quantize_for_storage",
+        "directory_size", "LOADER_SOURCE"),
+    "._prune": ("PruneState", "apply_masks", "check_sparsity", "compute_masks",
+        "current_masks", "kernel_mask", "prune", "prune_params", "sparsity_of",
+        "sparsity_schedule"),
+    "._quant": ("SUPPORTED_BITS", "QuantConfig", "check_bits", "fake_quant",
+        "fake_quant_params", "quant_scale", "quantize_apply",
+        "quantize_to_int", "qwix_quantize_module"),
+})

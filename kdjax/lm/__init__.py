@@ -10,38 +10,22 @@ memory-lean terms for large vocabularies (``lean_token_kd_term``, from hidden
 states, never forming ``[B, T, V]`` logits).
 """
 
-from kdjax.lm._cross_tokenizer import TEACHER_PREFIX
-from kdjax.lm._cross_tokenizer import PairTokenizer
-from kdjax.lm._cross_tokenizer import make_cross_tokenizer_batch
-from kdjax.lm._cross_tokenizer import make_teacher_lm_apply
-from kdjax.lm._cross_tokenizer import make_uld_loss
-from kdjax.lm._cross_tokenizer import uld_term
-from kdjax.lm._data import ByteTokenizer
-from kdjax.lm._data import iterate_batches
-from kdjax.lm._data import make_lm_batch
-from kdjax.lm._data import text_examples
-from kdjax.lm._distill import MASK_KEY
-from kdjax.lm._distill import TARGET_KEY
-from kdjax.lm._distill import align_vocab
-from kdjax.lm._distill import build_lm_step_fn
-from kdjax.lm._distill import check_vocabularies
-from kdjax.lm._distill import make_lm_train_step
-from kdjax.lm._distill import token_ce_term
-from kdjax.lm._distill import token_divergence_sums
-from kdjax.lm._distill import token_kd_term
-from kdjax.lm._generate import GenerationOutput
-from kdjax.lm._generate import SamplingConfig
-from kdjax.lm._generate import batch_from_generation
-from kdjax.lm._generate import generate
-from kdjax.lm._generate import make_rollout_fn
-from kdjax.lm._generate import sample_logits
-from kdjax.lm._lean import lean_token_ce_term
-from kdjax.lm._lean import lean_token_kd_term
-from kdjax.lm._model import DecoderLM
-from kdjax.lm._model import TransformerConfig
-from kdjax.lm._model import init_cache
-from kdjax.lm._model import init_lm
-from kdjax.lm._model import make_lm_apply
-from kdjax.lm._model import unembedding
-from kdjax.lm._onpolicy import make_gkd_train_step
-from kdjax.lm._onpolicy import make_sequence_kd_step
+from kdjax import _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "._cross_tokenizer": ("TEACHER_PREFIX", "PairTokenizer",
+        "make_cross_tokenizer_batch", "make_teacher_lm_apply", "make_uld_loss",
+        "uld_term"),
+    "._data": ("ByteTokenizer", "iterate_batches", "make_lm_batch",
+        "text_examples"),
+    "._distill": ("MASK_KEY", "TARGET_KEY", "align_vocab", "build_lm_step_fn",
+        "check_vocabularies", "make_lm_train_step", "token_ce_term",
+        "token_divergence_sums", "token_kd_term"),
+    "._generate": ("GenerationOutput", "SamplingConfig",
+        "batch_from_generation", "generate", "make_rollout_fn",
+        "sample_logits"),
+    "._lean": ("lean_token_ce_term", "lean_token_kd_term"),
+    "._model": ("DecoderLM", "TransformerConfig", "init_cache", "init_lm",
+        "make_lm_apply", "unembedding"),
+    "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
+})

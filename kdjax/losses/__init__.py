@@ -9,77 +9,40 @@ checked only inside :func:`runtime_checks`, as ``jax.experimental.checkify``
 checks (``kdjax.train.make_train_step(..., checks=True)``).
 """
 
-from kdjax.losses._compose import ComposedLoss
-from kdjax.losses._compose import LossAux
-from kdjax.losses._compose import Term
-from kdjax.losses._compose import TermInputs
-from kdjax.losses._compose import compose
-from kdjax.losses._compose import dist_term
-from kdjax.losses._compose import dkd_term
-from kdjax.losses._compose import evaluate_schedule
-from kdjax.losses._compose import label_term
-from kdjax.losses._compose import logit_term
-from kdjax.losses._decoupled import dist
-from kdjax.losses._decoupled import dkd
-from kdjax.losses._decoupled import dkd_terms
-from kdjax.losses._divergences import DIVERGENCES
-from kdjax.losses._divergences import TopKTeacher
-from kdjax.losses._divergences import divergence_from_log_probs
-from kdjax.losses._divergences import hard_label_cross_entropy
-from kdjax.losses._divergences import jensen_shannon_divergence
-from kdjax.losses._divergences import kl_divergence
-from kdjax.losses._divergences import logit_divergence
-from kdjax.losses._divergences import logit_mse
-from kdjax.losses._divergences import reverse_kl_divergence
-from kdjax.losses._divergences import skew_kl_divergence
-from kdjax.losses._divergences import skew_reverse_kl_divergence
-from kdjax.losses._divergences import soft_cross_entropy
-from kdjax.losses._divergences import top_k_divergence
-from kdjax.losses._divergences import top_k_teacher
-from kdjax.losses._divergences import total_variation_distance
-from kdjax.losses._divergences import top_k_divergence_from_student_log_probs
-from kdjax.losses._large_vocab import DEFAULT_MEMORY_BUDGET_BYTES
-from kdjax.losses._large_vocab import Unembedding
-from kdjax.losses._large_vocab import choose_chunk_size
-from kdjax.losses._large_vocab import cross_entropy_from_hidden
-from kdjax.losses._large_vocab import divergence_from_hidden
-from kdjax.losses._large_vocab import top_k_divergence_from_hidden
-from kdjax.losses._large_vocab import vocab_sharded_divergence_from_hidden
-from kdjax.losses._utils import runtime_checks
-from kdjax.losses._uld import align_responses
-from kdjax.losses._uld import sorted_probabilities
-from kdjax.losses._uld import sorted_probability_distance
-from kdjax.losses._uld import uld_loss
-from kdjax.losses._uld import universal_logit_distillation_loss
-from kdjax.losses._uld import universal_logit_distillation_parts
-from kdjax.losses._features import Connector
-from kdjax.losses._features import adaptive_avg_pool
-from kdjax.losses._features import attention_map
-from kdjax.losses._features import attention_transfer_loss
-from kdjax.losses._features import attention_transfer_term
-from kdjax.losses._features import feature_cosine_distance
-from kdjax.losses._features import feature_mse
-from kdjax.losses._features import feature_term
-from kdjax.losses._features import fitnets_hint_loss
-from kdjax.losses._features import fitnets_term
-from kdjax.losses._relational import correlation_congruence_loss
-from kdjax.losses._relational import pairwise_distances
-from kdjax.losses._relational import pkt_loss
-from kdjax.losses._relational import relational_term
-from kdjax.losses._relational import rkd_angle_loss
-from kdjax.losses._relational import rkd_distance_loss
-from kdjax.losses._relational import similarity_preserving_loss
-from kdjax.losses._contrastive import CRDEmbed
-from kdjax.losses._contrastive import CRDState
-from kdjax.losses._contrastive import crd_loss
-from kdjax.losses._contrastive import crd_nce_loss
-from kdjax.losses._contrastive import crd_term
-from kdjax.losses._contrastive import init_crd_heads
-from kdjax.losses._contrastive import init_crd_state
-from kdjax.losses._contrastive import sample_contrast_indices
-from kdjax.losses._ensemble import confidence_weights
-from kdjax.losses._ensemble import ensemble_probabilities
-from kdjax.losses._ensemble import multi_teacher_kl
-from kdjax.losses._ensemble import multi_teacher_term
-from kdjax.losses._ensemble import stack_teacher_logits
-from kdjax.losses._ensemble import teacher_logits_of
+from kdjax import _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "._compose": ("ComposedLoss", "LossAux", "Term", "TermInputs", "compose",
+        "dist_term", "dkd_term", "evaluate_schedule", "label_term",
+        "logit_term"),
+    "._decoupled": ("dist", "dkd", "dkd_terms"),
+    "._divergences": ("DIVERGENCES", "TopKTeacher",
+        "divergence_from_log_probs", "hard_label_cross_entropy",
+        "jensen_shannon_divergence", "kl_divergence", "logit_divergence",
+        "logit_mse", "reverse_kl_divergence", "skew_kl_divergence",
+        "skew_reverse_kl_divergence", "soft_cross_entropy", "top_k_divergence",
+        "top_k_teacher", "total_variation_distance",
+        "top_k_divergence_from_student_log_probs"),
+    "._large_vocab": ("DEFAULT_MEMORY_BUDGET_BYTES", "Unembedding",
+        "choose_chunk_size", "cross_entropy_from_hidden",
+        "divergence_from_hidden", "top_k_divergence_from_hidden",
+        "vocab_sharded_divergence_from_hidden"),
+    "._uld": ("align_responses", "sorted_probabilities",
+        "sorted_probability_distance", "uld_loss",
+        "universal_logit_distillation_loss",
+        "universal_logit_distillation_parts"),
+    "._features": ("Connector", "adaptive_avg_pool", "attention_map",
+        "attention_transfer_loss", "attention_transfer_term",
+        "feature_cosine_distance", "feature_mse", "feature_term",
+        "fitnets_hint_loss", "fitnets_term"),
+    "._relational": ("correlation_congruence_loss", "pairwise_distances",
+        "pkt_loss", "relational_term", "rkd_angle_loss", "rkd_distance_loss",
+        "similarity_preserving_loss"),
+    "._contrastive": ("CRDEmbed", "CRDState", "crd_loss", "crd_nce_loss",
+        "crd_term", "init_crd_heads", "init_crd_state",
+        "sample_contrast_indices"),
+    "._utils": ("runtime_checks",),
+    "._ensemble": ("confidence_weights", "ensemble_probabilities",
+        "multi_teacher_kl", "multi_teacher_term", "stack_teacher_logits",
+        "teacher_logits_of"),
+})

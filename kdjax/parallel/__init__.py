@@ -7,28 +7,15 @@ legacy code; ``jax.distributed`` initialisation and global batches built from
 per-process data.
 """
 
-from kdjax.parallel._mesh import DATA
-from kdjax.parallel._mesh import FSDP
-from kdjax.parallel._mesh import ShardingRules
-from kdjax.parallel._mesh import batch_sharding
-from kdjax.parallel._mesh import check_batch
-from kdjax.parallel._mesh import leaf_partition_spec
-from kdjax.parallel._mesh import make_mesh
-from kdjax.parallel._mesh import put_global
-from kdjax.parallel._mesh import replicated
-from kdjax.parallel._mesh import shard_batch
-from kdjax.parallel._mesh import shard_state
-from kdjax.parallel._mesh import shard_teacher
-from kdjax.parallel._mesh import state_sharding
-from kdjax.parallel._mesh import teacher_sharding
-from kdjax.parallel._mesh import tree_sharding
-from kdjax.parallel._multihost import global_batch
-from kdjax.parallel._multihost import initialize
-from kdjax.parallel._multihost import load_tfds_for_process
-from kdjax.parallel._multihost import process_slice
-from kdjax.parallel._multihost import to_host
-from kdjax.parallel._step import make_pmap_train_step
-from kdjax.parallel._step import make_sharded_train_step
-from kdjax.parallel._step import replicate
-from kdjax.parallel._step import split_batch
-from kdjax.parallel._step import unreplicate
+from kdjax import _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "._mesh": ("DATA", "FSDP", "ShardingRules", "batch_sharding",
+        "check_batch", "leaf_partition_spec", "make_mesh", "put_global",
+        "replicated", "shard_batch", "shard_state", "shard_teacher",
+        "state_sharding", "teacher_sharding", "tree_sharding"),
+    "._multihost": ("global_batch", "initialize", "load_tfds_for_process",
+        "process_slice", "to_host"),
+    "._step": ("make_pmap_train_step", "make_sharded_train_step", "replicate",
+        "split_batch", "unreplicate"),
+})
