@@ -11,11 +11,21 @@
   kdjax config [--config C.yaml] [--set ...] [--schema]
 
 Training commands resume from their run directory's newest checkpoint: after
-an interrupt, run the same command again. Exit status: 0 on success, 2 for a
-usage or config error (printed without a traceback), 1 for a missing or
-mismatched run, checkpoint, cache or dataset or a value kdjax rejects (one
-line; ``KDJAX_TRACEBACK=1`` shows the traceback), 130/143 after
-SIGINT/SIGTERM (a checkpoint is saved first).
+an interrupt, run the same command again.
+
+Exit status (:mod:`kdjax.cli.errors`): 0 on success; 2 for what the user can
+fix before the run starts (a bad argument, an unknown config key or method,
+bad YAML, a missing config file, teacher run, teacher cache, run directory or
+data directory, an impossible batch size, a missing optional package): one
+line on stderr, no traceback; 1 for a failure during a run (a NaN, a corrupt
+or mismatched checkpoint or cache, an unreadable data file, a value a loss
+rejects: one line, ``KDJAX_TRACEBACK=1`` adds the traceback; anything
+unexpected: its traceback); 130/143 after SIGINT/SIGTERM (a checkpoint is
+saved first).
+
+Start-up: ``kdjax --help`` and ``kdjax config`` import no JAX; each command
+imports what it needs once its arguments and config have been read, so a
+config error costs no JAX import either.
 """
 
 from __future__ import annotations
@@ -24,10 +34,20 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from typing import Optional, Sequence
 
 from kdjax.cli import config as cfg
+from kdjax.cli import errors
 from kdjax.cli.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ``ArgumentParser`` whose usage errors are one line (exit status 2)."""
+
+  def error(self, message: str):
+    self.exit(errors.EXIT_USAGE, f"{self.prog}: error: {message} (see "
+              f"`{self.prog} --help`)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -45,13 +65,15 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="kdjax", description="Knowledge distillation runs with kdjax: "
       "train a teacher, cache its outputs, distill a student, evaluate, "
       "export and plot.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Config keys: `kdjax config --schema`. Exit status 2: usage or "
-      "config error; 1: missing/mismatched run, checkpoint, cache or data.")
+      epilog="Config keys: `kdjax config --schema`.\n"
+      "Exit status: 2: a usage or config error, or a missing run, teacher,\n"
+      "cache or data directory (fix it, then run again); 1: a failure during\n"
+      "the run; 130/143: interrupted (a checkpoint was saved first).")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
 
@@ -131,9 +153,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_train_teacher(args) -> int:
+  config = cfg.load_config(args.config, args.set)
   from kdjax import methods  # pylint: disable=g-import-not-at-top
   from kdjax.cli import _train  # pylint: disable=g-import-not-at-top
-  config = cfg.load_config(args.config, args.set)
   t = config["teacher"]
   return _train.train(
       config, command="train-teacher", run_dir=cfg.teacher_run_dir(config),
@@ -144,11 +166,11 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-  from kdjax.cli import _data  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import _train  # pylint: disable=g-import-not-at-top
   config = cfg.load_config(args.config, args.set)
   spec = cfg.method_spec(config)
+  from kdjax.cli import _data  # pylint: disable=g-import-not-at-top
   source = _data.build_source(config["data"], "train")
+  from kdjax.cli import _train  # pylint: disable=g-import-not-at-top
   teacher = None
   if spec.recipe == "distill":
     names = spec.feature_names()["teacher"]
@@ -165,11 +187,11 @@ def cmd_distill(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
+  config = cfg.load_config(args.config, args.set)
+  spec = cfg.method_spec(config)
   from kdjax import cache as kcache  # pylint: disable=g-import-not-at-top
   from kdjax.cli import _data  # pylint: disable=g-import-not-at-top
   from kdjax.cli import _train  # pylint: disable=g-import-not-at-top
-  config = cfg.load_config(args.config, args.set)
-  spec = cfg.method_spec(config)
   c = config["cache"]
   if c["features"] is not None:
     names = tuple(n.strip() for n in c["features"].split(",") if n.strip())
@@ -212,6 +234,9 @@ def cmd_cache_teacher(args) -> int:
 
 
 def cmd_eval(args) -> int:
+  _check_run_dir(args.run_dir)
+  if args.teacher is not None and not args.no_teacher:
+    _check_run_dir(args.teacher)
   from kdjax.cli import _eval  # pylint: disable=g-import-not-at-top
   from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
   run = _models.read_run(args.run_dir)
@@ -232,6 +257,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+  _check_run_dir(args.run_dir)
+  if os.path.exists(args.out) and not args.overwrite:
+    raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from kdjax import checkpoint as kckpt  # pylint: disable=g-import-not-at-top
@@ -240,15 +268,16 @@ def cmd_export(args) -> int:
   quant = None
   if args.quantize != "none":
     from kdjax import compress  # pylint: disable=g-import-not-at-top
-    quant = compress.QuantConfig.parse(args.quantize)  # ValueError: exit 1
+    try:
+      quant = compress.QuantConfig.parse(args.quantize)
+    except ValueError as e:
+      raise errors.UsageError(f"--quantize {args.quantize}: {e}") from None
   run = _models.read_run(args.run_dir)
   step = run.latest_step()
   if step is None:
-    raise FileNotFoundError(
+    raise errors.MissingRunError(
         f"the run at {run.path} has no student checkpoint to export (nothing "
         f"in {run.checkpoint_dir}); train it first (`kdjax distill`).")
-  if os.path.exists(args.out) and not args.overwrite:
-    raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
   variables = run.restore_variables()
   what = (f"{run.meta.get('model', 'student')} of {run.path} at step {step} "
           f"({run.model_config['arch']}, "
@@ -294,16 +323,103 @@ def cmd_report(args) -> int:
 # Entry point.
 # -----------------------------------------------------------------------------
 
+# kdjax.cli._models.RUN_META (not imported here: it imports JAX).
+_RUN_META = "run.json"
 
-def _user_errors() -> tuple:
-  """Exceptions reported as one line (exit 1): a missing or mismatched
-  run, checkpoint, cache or dataset, or a missing optional package
-  (matplotlib for ``kdjax report``)."""
-  from kdjax.cache import CacheMismatchError  # pylint: disable=g-import-not-at-top
-  from kdjax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from kdjax.data import DataError  # pylint: disable=g-import-not-at-top
-  return (FileNotFoundError, FileExistsError, NotADirectoryError,
-          ImportError, CacheMismatchError, CheckpointError, DataError)
+# Fixable before the run starts: a path the user gave (a run directory,
+# teacher run or cache, data directory or file, an export target) or a
+# package to install.
+_USAGE_TYPES = (ConfigError, errors.UsageError, FileNotFoundError,
+                NotADirectoryError, IsADirectoryError, FileExistsError,
+                ImportError)
+
+# kdjax's own checks during a run (a value a loss rejects, a shape, a NaN): one
+# line. The checkpoint, cache and data errors derive from ValueError.
+_ONE_LINE_TYPES = (ValueError, TypeError, KeyError, FloatingPointError,
+                   errors.RunError)
+
+
+def _check_run_dir(path: str) -> None:
+  """A MissingRunError unless ``path`` is a kdjax run directory (checked
+  before the command imports JAX)."""
+  if not os.path.exists(os.path.join(path, _RUN_META)):
+    raise errors.MissingRunError(
+        f"{path} is not a kdjax run directory (no {_RUN_META}); runs are "
+        "written by `kdjax train-teacher` and `kdjax distill`.")
+
+
+def _loaded_types(*names: str) -> tuple:
+  """The exception classes ``module:Class`` of the modules already imported
+  (an exception of a module never imported cannot have been raised; the
+  look-up imports nothing: no JAX or orbax on the error path)."""
+  found = []
+  for name in names:
+    module, cls = name.split(":")
+    if module in sys.modules and hasattr(sys.modules[module], cls):
+      found.append(getattr(sys.modules[module], cls))
+  return tuple(found)
+
+
+# Errors of state on disk that is corrupt or does not match (not a missing
+# path): failures (1), even when found before the first step.
+_FAILURE_TYPE_NAMES = ("kdjax.checkpoint._integrity:CheckpointError",
+                       "kdjax.cache._cache:CacheMismatchError",
+                       "kdjax.data._idx:DataError")
+
+
+def exit_status(exc: BaseException) -> int:
+  """The exit status of a command that raised ``exc`` (:mod:`kdjax.cli.errors`).
+
+  2: what the user fixes before the run starts (a config error, a
+  :class:`~kdjax.cli.errors.UsageError`, a missing path, a missing package);
+  1: a failure during the run (anything raised inside
+  :func:`kdjax.cli.errors.during_run`, a corrupt or mismatched checkpoint or
+  cache, an unreadable data file, anything else); 130 for an interrupt.
+  """
+  if isinstance(exc, KeyboardInterrupt):
+    return errors.EXIT_SIGINT
+  if isinstance(exc, SystemExit):
+    return exc.code if isinstance(exc.code, int) else errors.EXIT_USAGE
+  if errors.raised_during_run(exc):
+    return errors.EXIT_FAILURE
+  if isinstance(exc, _loaded_types(*_FAILURE_TYPE_NAMES)):
+    return errors.EXIT_FAILURE
+  if isinstance(exc, _USAGE_TYPES):
+    return errors.EXIT_USAGE
+  return errors.EXIT_FAILURE
+
+
+def _one_line(exc: BaseException) -> str:
+  """``exc``'s message on one line (JAX's traceback-filtering note cut)."""
+  text = str(exc)
+  if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+    text = exc.args[0]  # str(KeyError) quotes its message
+  return " ".join(text.split("\n-----")[0].split())
+
+
+def report_error(command: str, exc: Exception) -> Optional[int]:
+  """Prints ``exc`` for the user in one line; returns the exit status.
+
+  Usage and config errors print their message alone; kdjax's own checks
+  during a run their type and message (``KDJAX_TRACEBACK=1`` prints the
+  traceback first). Returns None for anything else: the caller re-raises it
+  and Python prints its traceback (exit status 1).
+  """
+  status = exit_status(exc)
+  if isinstance(exc, ConfigError):
+    line = f"kdjax {command}: config error: {_one_line(exc)}"
+  elif status == errors.EXIT_USAGE:
+    line = f"kdjax {command}: error: {_one_line(exc)}"
+  elif isinstance(exc, _ONE_LINE_TYPES + _loaded_types(*_FAILURE_TYPE_NAMES)):
+    line = f"kdjax {command}: error: {type(exc).__name__}: {_one_line(exc)}"
+    if not os.environ.get("KDJAX_TRACEBACK"):
+      line += " (set KDJAX_TRACEBACK=1 for the traceback)"
+  else:
+    return None
+  if os.environ.get("KDJAX_TRACEBACK"):
+    traceback.print_exception(exc)
+  print(line, file=sys.stderr)
+  return status
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -312,31 +428,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     args = parser.parse_args(argv)
   except SystemExit as e:  # --help, or a usage error (already printed)
-    return e.code if isinstance(e.code, int) else 2
+    return exit_status(e)
   try:
     return int(args.func(args) or 0)
-  except ConfigError as e:
-    print(f"kdjax {args.command}: config error: {e}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print(f"kdjax {args.command}: aborted.", file=sys.stderr)
-    return 130
+    return errors.EXIT_SIGINT
   except BrokenPipeError:  # `kdjax eval RUN | head`
     sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with
     return 141
   except Exception as e:  # pylint: disable=broad-except
-    if isinstance(e, _user_errors()):
-      print(f"kdjax {args.command}: error: {e}", file=sys.stderr)
-      return 1
-    if (isinstance(e, (ValueError, TypeError, KeyError, FloatingPointError))
-        and not os.environ.get("KDJAX_TRACEBACK")):
-      # kdjax's own checks (a hyper-parameter out of range, a shape): one
-      # line; KDJAX_TRACEBACK=1 shows where.
-      text = " ".join(str(e).split("\n-----")[0].split())
-      print(f"kdjax {args.command}: error: {type(e).__name__}: {text} "
-            "(set KDJAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
-      return 1
-    raise
+    status = report_error(args.command, e)
+    if status is None:
+      raise
+    return status
 
 
 if __name__ == "__main__":

@@ -250,7 +250,8 @@ def test_missing_teacher_and_unproducible_feature(flow, tmp_path):
   c = ["--config", flow["config"]]
   rc, _, err = run_main(["distill", *c, "--set",
                          f"teacher.run_dir={tmp_path / 'none'}"])
-  assert rc == 1 and "no teacher run at" in err and "kdjax train-teacher" in err
+  # Missing inputs are fixed before the run: exit 2 (kdjax.cli.errors).
+  assert rc == 2 and "no teacher run at" in err and "kdjax train-teacher" in err
   rc, _, err = run_main(["distill", *c, "--set", "distill.method=fitnets"])
   assert rc == 2
   assert "reads a feature the student (mlp) does not produce" in err
@@ -258,9 +259,9 @@ def test_missing_teacher_and_unproducible_feature(flow, tmp_path):
   assert "'penultimate'" in err
   rc, _, err = run_main(["distill", *c, "--set", "distill.teacher=cache",
                          f"cache.dir={tmp_path / 'nocache'}"])
-  assert rc == 1 and "kdjax cache-teacher" in err
+  assert rc == 2 and "kdjax cache-teacher" in err
   rc, _, err = run_main(["eval", tmp_path])
-  assert rc == 1 and "not a kdjax run directory" in err
+  assert rc == 2 and "not a kdjax run directory" in err
   # A value a loss rejects when the step is built: one line, exit 1.
   rc, _, err = run_main(["distill", *c, "--set", "distill.method=jsd",
                          "distill.hparams.beta=2", "distill.run_name=bad_jsd"])
