@@ -160,11 +160,19 @@ class ComposedLoss:
 
     ``total = sum_i weight_i(step) * term_i``; ``aux.terms`` reports each
     unweighted term, its weight and the temperature, for logging.
+
+    A temperature schedule's value must be ``> 0``: checked eagerly when
+    ``step`` is concrete, and inside a jitted step only under
+    :func:`kdjax.losses.runtime_checks` (``make_train_step(...,
+    checks=True)``); the terms check their own arguments likewise.
     """
     params = dict(params or {})
     state = dict(state or {})
     step = jnp.asarray(step, jnp.int32)
     temperature = evaluate_schedule(self.temperature, step)
+    if callable(self.temperature):
+      _utils.check_temperature(temperature,
+                               "the composed loss's temperature schedule")
     total = jnp.zeros((), jnp.float32)
     reported, new_state = {}, {}
     for i, term in enumerate(self.terms):
