@@ -105,8 +105,13 @@ def from_linen(module: nn.Module,
       logits, ``(logits, features)`` or a :class:`ModelOutput`.
     input_key: the batch key holding the model's input.
     input_fn: alternatively, ``batch -> input``.
-    feature_names: intermediate features to capture (submodule paths or sown
-      names, see the module docstring).
+    feature_names: intermediate features to capture, returned in
+      ``ModelOutput.features`` under the same names: a submodule's output by
+      its path (``"conv_1"``, ``"block1/conv"``; captured with
+      ``capture_intermediates``), or a value the module sows with
+      ``self.sow("intermediates", "name", x)`` (named ``"name"`` at the top
+      level, ``"path/name"`` inside a submodule). A name the module does not
+      produce raises a ``KeyError`` listing those it does.
     train_kwarg: name of the module's train/deterministic flag argument
       (``"train"``), or ``None`` if it takes none.
     mutable_collections: collections updated in training mode (``batch_stats``)
