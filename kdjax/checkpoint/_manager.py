@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -378,7 +378,8 @@ class DistillCheckpointer:
            step: Optional[int] = None,
            data_iterator: Any = None,
            metrics: Optional[Mapping[str, Any]] = None,
-           extra: Optional[Mapping[str, Any]] = None,
+           extra: Union[None, Mapping[str, Any],
+                        Callable[[], Mapping[str, Any]]] = None,
            force: bool = False) -> bool:
     """Saves ``state`` (and the data position) if the policy says so.
 
@@ -395,7 +396,9 @@ class DistillCheckpointer:
         batches that produced ``state``.
       metrics: eval metrics ``{name: number}``; must hold ``best_metric``
         when one was set.
-      extra: JSON kept with the step (e.g. the log of losses).
+      extra: JSON kept with the step (e.g. the log of losses), or a
+        function returning it, called only when the step is saved (for
+        values that cost a device fetch).
       force: save even off the ``save_every`` grid.
 
     Returns:
@@ -427,6 +430,8 @@ class DistillCheckpointer:
           "steps (DistillCheckpointer.delete) to branch from an older one.")
     if not force and not self._manager.should_save(step):
       return False
+    if callable(extra):
+      extra = extra()
     data_state = None
     if data_iterator is not None:
       data_state = _encode_iterator_state(data_iterator.get_state())

@@ -8,6 +8,12 @@ Each record of ``metrics.jsonl`` is one JSON object ``{"step": int, "split":
 A resumed run first drops the records written after its checkpoint (they are
 written again) and opens the event writer with ``purge_step`` set to it, so
 TensorBoard discards the stale events too.
+
+Train records average the steps of one window, ``(k - 1) * log_every <
+step <= k * log_every`` (:class:`MetricsWindow`). A checkpoint saved inside a
+window carries the window's sums (:meth:`MetricsWindow.to_json`), so a run
+interrupted there and resumed writes the same records as an uninterrupted
+one, except for the wall-clock fields ``time`` and ``samples_per_s``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -91,6 +97,77 @@ class MetricsLogger:
     self._file.close()
     if self._writer is not None:
       self._writer.close()
+
+
+class MetricsWindow:
+  """The train metrics summed on the device over the steps since the last record.
+
+  ``add`` sums each step's metrics (a flat ``{name: scalar}``) without a
+  device sync; ``means`` fetches them once per record. ``steps`` counts the
+  window's steps, ``local_steps`` those run by this process (a window
+  restored from a checkpoint holds steps of the interrupted run), for the
+  throughput and the progress bar.
+  """
+
+  def __init__(self):
+    self.sums = None
+    self.steps = 0
+    self.local_steps = 0
+
+  def add(self, metrics: Mapping[str, Any]) -> None:
+    """Adds one step's metrics (device arrays) to the sums."""
+    self.sums = (dict(metrics) if self.sums is None
+                 else _add_sums(self.sums, dict(metrics)))
+    self.steps += 1
+    self.local_steps += 1
+
+  def means(self) -> dict:
+    """``{name: sum / steps}`` as Python floats (one device fetch)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return {k: float(v) / self.steps
+            for k, v in jax.device_get(self.sums).items()}
+
+  def reset(self) -> None:
+    self.sums, self.steps, self.local_steps = None, 0, 0
+
+  def to_json(self) -> dict:
+    """The sums, bit-exact (``float.hex`` of each value, with its dtype)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    sums = {}
+    for name, value in jax.device_get(self.sums or {}).items():
+      value = np.asarray(value)
+      sums[name] = {"dtype": value.dtype.name, "shape": list(value.shape),
+                    "hex": [float(x).hex() for x in value.ravel()]}
+    return {"steps": self.steps, "sums": sums}
+
+  @classmethod
+  def from_json(cls, data: Optional[Mapping[str, Any]]) -> "MetricsWindow":
+    """The window of :meth:`to_json` (empty for ``None`` or no steps)."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    window = cls()
+    if not data or not data.get("steps"):
+      return window
+    window.steps = int(data["steps"])
+    window.sums = {
+        name: jnp.asarray(np.asarray(
+            [float.fromhex(x) for x in v["hex"]],
+            jnp.dtype(v["dtype"])).reshape(v["shape"]))
+        for name, v in data["sums"].items()}
+    return window
+
+
+def _add_sums(running: dict, metrics: dict) -> dict:
+  """``running + metrics`` leaf by leaf, in one jitted call."""
+  global _ADD_JIT
+  if _ADD_JIT is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    _ADD_JIT = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b))
+  return _ADD_JIT(running, metrics)
+
+
+_ADD_JIT = None
 
 
 class Progress:

@@ -8,12 +8,15 @@ The loop (for either command)::
                     -> kdjax.train.make_train_step (teacher frozen)
     -> metrics summed on the device, fetched every train.log_every steps
        (metrics.jsonl, TensorBoard, tqdm bar)
-    -> DistillCheckpointer.save(state, data position) every save_every steps
+    -> DistillCheckpointer.save(state, data position, metrics window) every
+       save_every steps
 
 On start the run resumes from its newest checkpoint (state, RNG, optimizer,
-loss state and data position), so the same command after an interrupt
-continues where the last checkpoint left off; SIGINT/SIGTERM stop the loop at
-a step boundary, save a checkpoint and exit with status 130/143.
+loss state, data position and the sums of the metrics window it stopped in),
+so the same command after an interrupt continues where the last checkpoint
+left off and logs the records an uninterrupted run logs; SIGINT/SIGTERM stop
+the loop at a step boundary, save a checkpoint (no partial window is logged)
+and exit with status 130/143.
 """
 
 from __future__ import annotations
@@ -262,9 +265,38 @@ class StopRequest:
       signal.signal(sig, handler)
 
 
-@jax.jit
-def _accumulate(running, metrics):
-  return jax.tree.map(jnp.add, running, metrics)
+WINDOW_KEY = "metrics_window"
+
+
+def resume(ckpt, state, batches, log_every: int):
+  """``(state, step, metrics window)`` restored from ``ckpt``'s newest good step.
+
+  A fresh run (no checkpoint) gets ``(state, 0, empty window)``; the data
+  iterator ``batches`` is moved to the restored position. If the restore
+  fails (every step corrupted), ``ckpt`` is closed before the error goes up.
+  """
+  if ckpt.latest_step() is None:
+    return state, 0, _logging.MetricsWindow()
+  try:
+    restored = ckpt.restore(state, data_iterator=batches, fallback=True)
+  except BaseException:
+    ckpt.close()
+    raise
+  return (restored.state, restored.step,
+          restored_window(restored.extra, restored.step, log_every))
+
+
+def restored_window(extra: Optional[Mapping[str, Any]], start: int,
+                    log_every: int) -> _logging.MetricsWindow:
+  """The metrics window saved with the checkpoint of step ``start``.
+
+  Empty when the checkpoint holds none (saved by an older kdjax) or one that
+  does not end at ``start`` on this ``log_every`` grid (the config changed).
+  """
+  window = _logging.MetricsWindow.from_json((extra or {}).get(WINDOW_KEY))
+  if window.steps != start % log_every:
+    window.reset()
+  return window
 
 
 # -----------------------------------------------------------------------------
@@ -361,6 +393,7 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
           "num_train_examples": len(train_source), "batch_size": batch_size,
           "steps": total}
   _models.write_run(run_dir, config, meta)
+  eval_source = _data.build_source(data, "eval")
   ck = config["checkpoint"]
   fingerprint = None
   if teacher.kind == "cache":
@@ -370,10 +403,9 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
       save_every=ck["save_every"] or None, keep_last=ck["keep"],
       async_save=ck["async"], config=cfg.to_json(config),
       teacher=teacher_vars, teacher_fingerprint=fingerprint)
-  start = 0
-  if ckpt.latest_step() is not None:
-    restored = ckpt.restore(state, data_iterator=batches, fallback=True)
-    state, start = restored.state, restored.step
+  tc = config["train"]
+  state, start, window = resume(ckpt, state, batches, tc["log_every"])
+  if start:
     out(f"{tag} resuming {run_dir} from step {start} (checkpoint "
         f"{ckpt.step_path(start)})")
   epochs_done = total / pipeline.steps_per_epoch
@@ -384,7 +416,6 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
       f"{len(train_source)} examples); run dir {run_dir}")
 
   # Evaluation.
-  eval_source = _data.build_source(data, "eval")
   eval_data = None
   eval_step = ktrain.make_eval_step(
       student_apply, teacher.apply if teacher.kind == "online" else None,
@@ -400,7 +431,6 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
     return {"accuracy": report.pop("student_accuracy"), **report}
 
   logger = _logging.MetricsLogger(run_dir, start)
-  tc = config["train"]
   progress = _logging.Progress(total, start, f"{command} {spec.name}",
                                tc["progress"] and start < total)
   status = 0
@@ -408,26 +438,31 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
   t_start = t_last = time.perf_counter()
   last_train: dict = {}
   report: dict = {}
-  running, n = None, 0
 
   def flush(step: int) -> None:
-    """Fetches the metrics summed since the last fetch; logs their mean."""
-    nonlocal running, n, t_last, last_train
-    means = {k: float(v) / n for k, v in jax.device_get(running).items()}
+    """Fetches the window's summed metrics; logs their mean."""
+    nonlocal t_last, last_train
+    means = window.means()
     now = time.perf_counter()
-    rate = n * batch_size / max(now - t_last, 1e-9)
+    rate = window.local_steps * batch_size / max(now - t_last, 1e-9)
     last_train = logger.log(step, "train", {
         **means, "samples_per_s": rate, "lr": float(schedule(step - 1))})
-    progress.update(n, means["loss"], rate)
-    running, n, t_last = None, 0, now
+    progress.update(window.local_steps, means["loss"], rate)
+    window.reset()
+    t_last = now
+
+  def save(step: int, force: bool = False) -> None:
+    """Saves a checkpoint if due (or ``force``), with the metrics window
+    (fetched only then)."""
+    ckpt.save(state, step=step, data_iterator=batches, force=force,
+              extra=lambda: {WINDOW_KEY: window.to_json()})
 
   try:
     with StopRequest() as stop:
       for step in range(start, total):
         batch = next(batches)
         state, metrics = train_step(state, teacher_vars, batch)
-        running = metrics if running is None else _accumulate(running, metrics)
-        n += 1
+        window.add(metrics)
         done = step + 1
         # Windows end on multiples of log_every (whatever the start step), so
         # a resumed run logs the same records as an uninterrupted one.
@@ -438,11 +473,11 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
           logger.log(done, "eval", report)
           progress.write(f"{tag} step {done}: " + _fmt(report))
           t_last = time.perf_counter()
-        ckpt.save(state, step=done, data_iterator=batches)
+        save(done)
         if stop.signum is not None:
-          if n:
-            flush(done)
-          ckpt.save(state, step=done, data_iterator=batches, force=True)
+          # The window's sums go into the checkpoint, not into a record: the
+          # resumed run completes the window.
+          save(done, force=True)
           status = EXIT_INTERRUPTED.get(stop.signum, 130)
           break
     progress.close()
@@ -451,7 +486,7 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
       report = evaluate(state)
       if start < total:
         logger.log(total, "eval", report)
-        ckpt.save(state, step=total, data_iterator=batches, force=True)
+        save(total, force=True)
   finally:
     progress.close()
     try:
