@@ -100,7 +100,7 @@ class MetricsLogger:
 
 
 class MetricsWindow:
-  """The train metrics summed on the device over the steps since the last record.
+  """The train metrics of the steps since the last record, summed on device.
 
   ``add`` sums each step's metrics (a flat ``{name: scalar}``) without a
   device sync; ``means`` fetches them once per record. ``steps`` counts the

@@ -269,7 +269,7 @@ WINDOW_KEY = "metrics_window"
 
 
 def resume(ckpt, state, batches, log_every: int):
-  """``(state, step, metrics window)`` restored from ``ckpt``'s newest good step.
+  """``(state, step, metrics window)`` of ``ckpt``'s newest good step.
 
   A fresh run (no checkpoint) gets ``(state, 0, empty window)``; the data
   iterator ``batches`` is moved to the restored position. If the restore
