@@ -10,7 +10,10 @@
   :func:`prune` (an optax transformation keeping pruned weights at zero),
   unstructured or structured (neurons/channels) magnitude masks.
 * :func:`export_for_inference`: a serialized ``jax.export`` artifact, its
-  arrays (``.npz``) and a loader script that needs jax but not kdjax.
+  arrays (``.npz``) and a loader script that needs jax but not kdjax. With
+  w8a8 its Dense / Conv layers compute ``s_x[b] s_w[n] (q_x · q_w)`` with
+  s8 x s8 -> s32 dots (:func:`int8_dense`, :func:`int8_conv`; dynamic
+  per-example activation scales, per-output-channel weight scales).
 """
 
 from kdjax import _lazy

@@ -10,10 +10,22 @@
 
 ``f`` is the student's forward pass in eval mode (logits only): no loss-term
 connectors or heads, no optimizer state. With ``quantize`` the kernels are
-stored as int8 (int4 values in an int8 container) with one float32 scale per
-output channel and dequantised inside ``f``; with activation bits the
-inputs of linen Dense/Conv layers are fake-quantised inside ``f`` as in
-training (:func:`kdjax.compress.quantize_apply`). Loading::
+stored as int8 (int4 values in an int8 container) with one float32 scale
+``s_w[n]`` per output channel ``n``. With activation bits (w8a8, w4a8) and
+``compute="int8"`` (the default) every linen ``Dense`` / ``Conv`` runs in
+integers inside ``f`` (:mod:`kdjax.compress._int8`)::
+
+  s_x[b] = max|x[b]| / qmax_a,  q_x = clip(round(x / s_x[b]), ±qmax_a)   int8
+  y      = s_x[b] s_w[n] · (q_x · q_w)[b, n] + bias[n]     (s8 x s8 -> s32)
+
+(dynamic, one activation scale per example ``b``; convolutions as im2col +
+the same dot); no float copy of those kernels exists in ``f``. With
+``compute="dequantize"`` (and always for weight-only w8 / w4, or a layer the
+integer path does not cover) the kernels are dequantised inside ``f``,
+``W = q_w s_w``, and the activations fake-quantised as in training
+(:func:`kdjax.compress.quantize_apply`): smaller on disk, float speed.
+Both equal the fake-quantised training forward up to float rounding.
+Loading::
 
   import run_exported                       # next to the artifact
   predict = run_exported.load(directory)
@@ -33,9 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.compress import _int8
 from kdjax.compress import _quant
 
 FORMAT = "kdjax-jax-export-v1"
+COMPUTES = ("int8", "int8_direct_conv", "dequantize")
 ARTIFACT = "model.jaxexport"
 PARAMS = "params.npz"
 MANIFEST = "export.json"
@@ -132,6 +146,28 @@ def quantize_for_storage(params: Any, bits: int) -> Any:
   return jax.tree.map(one, params)
 
 
+def _without(tree: Any, paths: Sequence[tuple]) -> Any:
+  """``tree`` with ``tree[p0]...[pn]["kernel"]`` removed for every path."""
+  if not paths:
+    return tree
+  out = dict(tree)
+  heads = {}
+  for p in paths:
+    heads.setdefault(p[0] if p else None, []).append(p[1:])
+  for head, rest in heads.items():
+    if head is None:
+      out.pop("kernel", None)
+    else:
+      out[head] = _without(out[head], rest)
+  return out
+
+
+def _at(tree: Any, path: tuple) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
 def _leaf_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -146,6 +182,8 @@ def export_for_inference(apply: Callable[..., Any],
                          input_key: str = "image",
                          platforms: Sequence[str] = ("cpu", "cuda"),
                          metadata: Optional[dict] = None,
+                         compute: str = "int8",
+                         int8_min_depth: int = 64,
                          overwrite: bool = False) -> str:
   """Writes ``apply`` + ``variables`` as a kdjax-free ``jax.export`` artifact.
 
@@ -162,6 +200,18 @@ def export_for_inference(apply: Callable[..., Any],
     input_key: the batch key the apply function reads.
     platforms: lowering platforms of the artifact.
     metadata: extra JSON-serialisable fields for ``export.json``.
+    compute: with activation bits, ``"int8"``: Dense / Conv layers as
+      s8 x s8 -> s32 dots (convs as im2col + dot), rescaled by
+      ``s_x[b] s_w[n]``; ``"int8_direct_conv"``: the same with convs as
+      ``lax.conv_general_dilated(..., preferred_element_type=int32)``;
+      ``"dequantize"``: ``W = q_w s_w`` in float32, then float matmuls on
+      fake-quantised activations. Weight-only configs always dequantise.
+      ``export.json`` records the compute used and the integer layers.
+    int8_min_depth: layers whose contraction depth ``K`` (Dense: input
+      features; Conv: window x input channels) is smaller stay
+      dequantise-first: XLA:CPU's s8 GEMM (YNNPACK) beats float32 only from
+      ``K`` ~ 64 (e.g. a 3x3 conv on a 1-channel image, ``K = 9``, is
+      several times slower in int8). ``1``: every covered layer in int8.
     overwrite: replace an existing directory.
 
   Returns:
@@ -176,22 +226,47 @@ def export_for_inference(apply: Callable[..., Any],
     if not overwrite:
       raise FileExistsError(f"{directory} exists; pass overwrite=True to "
                             "replace it.")
+  if compute not in COMPUTES:
+    raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}.")
   variables = jax.device_get(variables)
   stored = dict(variables)
+  int_paths, not_int = [], {}
   if quantize is not None:
     stored["params"] = quantize_for_storage(variables["params"],
                                             quantize.weight_bits)
     forward = _quant.quantize_apply(apply, quantize, quantize_weights=False)
+    if quantize.act_bits is not None and compute != "dequantize":
+      int_paths, not_int = _int8.find_integer_layers(
+          apply, variables, stored["params"],
+          jax.ShapeDtypeStruct((1, *tuple(input_shape)),
+                               jnp.dtype(input_dtype)), input_key,
+          min_depth=int8_min_depth)
   else:
     forward = apply
+  used = compute if int_paths else ("dequantize" if quantize is not None
+                                   else "float")
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(stored)
   arrays = [np.asarray(x) for _, x in leaves_with_paths]
   names = [_leaf_name(p) for p, _ in leaves_with_paths]
 
   def f(*args):
     *leaves, x = args
-    tree = _dequantize_tree(jax.tree_util.tree_unflatten(treedef, list(leaves)))
-    out = forward(tree, {input_key: x}, train=False)
+    tree = jax.tree_util.tree_unflatten(treedef, list(leaves))
+    if int_paths:
+      # Integer layers read (q_w, s_w) from the interceptor; their kernels
+      # leave the params tree, so no float copy of them is ever built.
+      kernels = {p: (_at(tree["params"], p)["kernel"]["q"],
+                     _at(tree["params"], p)["kernel"]["scale"])
+                 for p in int_paths}
+      tree = {**tree, "params": _without(tree["params"], int_paths)}
+      interceptor = _int8.integer_interceptor(
+          kernels, quantize.act_bits,
+          conv="direct" if compute == "int8_direct_conv" else "im2col")
+      from flax import linen as nn  # pylint: disable=g-import-not-at-top
+      with nn.intercept_methods(interceptor):
+        out = apply(_dequantize_tree(tree), {input_key: x}, train=False)
+    else:
+      out = forward(_dequantize_tree(tree), {input_key: x}, train=False)
     return jnp.asarray(getattr(out, "logits", out), jnp.float32)
 
   (batch,) = jax.export.symbolic_shape("b")
@@ -215,6 +290,12 @@ def export_for_inference(apply: Callable[..., Any],
       "input_dtype": jnp.dtype(input_dtype).name,
       "output": "logits float32 [B, num_classes]",
       "quantization": None if quantize is None else quantize.name,
+      "compute": used,
+      "int8_layers": ["/".join(p) for p in int_paths],
+      "activation_scale": "dynamic, per example" if quantize is not None and (
+          quantize.act_bits is not None) else None,
+      **({"float_layers": {"/".join(p): why for p, why in not_int.items()}}
+         if not_int else {}),
       "platforms": list(exported.platforms),
       "num_params": int(sum(np.size(x) for x in
                             jax.tree.leaves(variables["params"]))),

@@ -188,11 +188,15 @@ class QuantConfig:
 def _activation_interceptor(bits: int, module_types: tuple):
   def interceptor(next_fun, args, kwargs, context):
     if (context.method_name == "__call__" and isinstance(context.module,
-                                                         module_types)
-        and args):
+                                                         module_types)):
       # One scale per example (axis 0): an example's output does not depend
-      # on the rest of its batch.
-      args = (fake_quant(args[0], bits, channel_axis=0),) + tuple(args[1:])
+      # on the rest of its batch. Dense / Conv take ``inputs`` positionally
+      # or by keyword.
+      if args:
+        args = (fake_quant(args[0], bits, channel_axis=0),) + tuple(args[1:])
+      elif "inputs" in kwargs:
+        kwargs = {**kwargs,
+                  "inputs": fake_quant(kwargs["inputs"], bits, channel_axis=0)}
     return next_fun(*args, **kwargs)
   return interceptor
 

@@ -151,18 +151,19 @@ def _main(args):
 
 def test_cli_export_of_a_run_without_checkpoint_is_a_clear_error(tmp_path):
   run_dir, _, _ = _make_run(str(tmp_path), with_checkpoint=False)
+  # exit status 2: fixed before the run (kdjax.cli.errors)
   rc, _, err = _main(["export", run_dir, tmp_path / "out"])
-  assert rc == 1
+  assert rc == 2
   assert "no student checkpoint" in err and "Traceback" not in err
   assert not os.path.exists(tmp_path / "out")
   rc, _, err = _main(["export", tmp_path / "nowhere", tmp_path / "out"])
-  assert rc == 1 and "not a kdjax run directory" in err
+  assert rc == 2 and "not a kdjax run directory" in err
 
 
 def test_cli_export_bad_bit_width(tmp_path):
   run_dir, _, _ = _make_run(str(tmp_path), with_checkpoint=True)
   rc, _, err = _main(["export", run_dir, tmp_path / "out", "--quantize", "w3"])
-  assert rc == 1 and "bit width" in err
+  assert rc == 2 and "bit width" in err
 
 
 def test_cli_export_writes_orbax_and_a_kdjax_free_artifact(tmp_path):

@@ -170,3 +170,29 @@ def test_qwix_backend_if_installed():
   assert 0 < float(jnp.max(jnp.abs(y - y_float))) < 0.1
   g = jax.grad(lambda p: jnp.sum(qm.apply({"params": p}, x)))(v["params"])
   assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(g))
+
+
+def test_activation_quantisation_reaches_keyword_inputs():
+  """``nn.Dense(...)(inputs=x)`` is quantised like ``nn.Dense(...)(x)``."""
+  from flax import linen as nn
+
+  class Kw(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(3, name="d")(inputs=x.reshape(x.shape[0], -1))
+
+  class Pos(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(3, name="d")(x.reshape(x.shape[0], -1))
+
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 1)).astype(np.float32)
+  v = Kw().init(jax.random.PRNGKey(0), x)
+  q = compress.QuantConfig(8, 8)
+  kw = compress.quantize_apply(models.from_linen(Kw(), train_kwarg="train"), q,
+                               quantize_weights=False)(v, {"image": x}).logits
+  pos = compress.quantize_apply(models.from_linen(Pos(), train_kwarg="train"),
+                                q, quantize_weights=False)(v, {"image": x}).logits
+  plain = models.from_linen(Kw(), train_kwarg="train")(v, {"image": x}).logits
+  np.testing.assert_array_equal(np.asarray(kw), np.asarray(pos))
+  assert not np.allclose(np.asarray(kw), np.asarray(plain), atol=1e-7)
