@@ -20,5 +20,7 @@ __getattr__, __dir__, _ = _lazy.attach(__name__, {".models": ("ModelOutput",)})
 __all__ = ["ModelOutput", "losses", "methods", "models"]
 
 if TYPE_CHECKING:  # the names above, for type checkers and IDEs
-  from kdjax import losses, methods, models  # pylint: disable=g-bad-import-order
+  from kdjax import losses
+  from kdjax import methods
+  from kdjax import models
   from kdjax.models import ModelOutput

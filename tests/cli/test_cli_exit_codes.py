@@ -15,9 +15,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
+from kdjax.cache import CacheMismatchError
+from kdjax.checkpoint import CheckpointCorruptedError
+from kdjax.cli import _models
 from kdjax.cli import errors
+from kdjax.cli import main as kmain
+from kdjax.cli.config import ConfigError
+from kdjax.data import DataError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -96,6 +101,7 @@ def test_batch_larger_than_the_dataset_is_2(tmp_path):
   assert_one_line(proc, errors.EXIT_USAGE, "data.batch_size", "128")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_during_the_run_is_1(tmp_path):
   sets = tiny_sets(tmp_path, "distill.method=ce", "checkpoint.save_every=1",
                    "checkpoint.keep=2", "train.log_every=1")
@@ -130,8 +136,7 @@ def test_during_run_marks_any_error_as_a_failure():
 
 
 def test_exit_status_mapping():
-  from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from kdjax.cli.main import exit_status  # pylint: disable=g-import-not-at-top
+  exit_status = kmain.exit_status
   assert exit_status(ConfigError("bad key")) == 2
   assert exit_status(errors.BatchSizeError("too big")) == 2
   assert exit_status(FileNotFoundError("no run")) == 2
@@ -148,11 +153,6 @@ def test_exit_status_mapping():
 def test_failure_types_are_found():
   # main.py names these classes as strings (so that the error path imports no
   # JAX or orbax); they must exist, and map to 1.
-  from kdjax.cache import CacheMismatchError  # pylint: disable=g-import-not-at-top
-  from kdjax.checkpoint import CheckpointCorruptedError  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import main as kmain  # pylint: disable=g-import-not-at-top
-  from kdjax.data import DataError  # pylint: disable=g-import-not-at-top
   assert len(kmain._loaded_types(*kmain._FAILURE_TYPE_NAMES)) == 3
   for exc in (CacheMismatchError("x"), CheckpointCorruptedError("x"),
               DataError("x")):
