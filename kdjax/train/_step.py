@@ -20,9 +20,13 @@ Options of :func:`make_train_step`:
 * ``accumulation_steps``: gradient accumulation over micro-batches
   (``lax.scan``; see ``kdjax/train/_accumulation.py`` for the normalisation of
   masked token losses).
-* ``check_teacher_finite``: raise ``FloatingPointError`` naming the teacher when
-  its output holds NaN/inf (``jax.experimental.checkify``; a debug option: each
-  step then waits for the device).
+* ``checks``: run-time checks of what the losses can only check eagerly on
+  concrete values (``jax.experimental.checkify``; a debug option: each step
+  then waits for the device). A traced temperature ``<= 0`` or label outside
+  ``[0, C)`` raises ``ValueError``, NaN/inf in the teacher's output
+  ``FloatingPointError`` naming the teacher, instead of a NaN loss. Off: the
+  compiled step is unchanged. ``check_teacher_finite`` is the teacher check
+  alone.
 * ``log_grad_norm``: add the student's global gradient norm to the metrics
   (off by default: it costs an extra pass over the gradients).
 """
@@ -40,6 +44,7 @@ from jax.experimental import checkify
 from kdjax.losses import ComposedLoss
 from kdjax.losses import evaluate_schedule
 from kdjax.losses import kl_divergence
+from kdjax.losses import runtime_checks
 from kdjax.models import ModelOutput
 from kdjax.train import _accumulation
 from kdjax.train._precision import Policy
@@ -83,6 +88,11 @@ def _floating_leaves(tree) -> list:
           if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
 
 
+# The teacher check's message starts so; the step raises FloatingPointError for
+# it and ValueError for the losses' value checks.
+_TEACHER_CHECK_PREFIX = "the teacher "
+
+
 def _check_finite_in_step(output, teacher_name: str, step) -> None:
   """A checkify check that the teacher's logits and features are finite."""
   leaves = _floating_leaves((output.logits, output.features))
@@ -92,7 +102,7 @@ def _check_finite_in_step(output, teacher_name: str, step) -> None:
   name = teacher_name.replace("{", "{{").replace("}", "}}")
   checkify.check(
       bad == 0,
-      f"the teacher {name!r} produced {{bad}} non-finite (NaN/inf) value(s) in "
+      f"{_TEACHER_CHECK_PREFIX}{name!r} produced {{bad}} non-finite (NaN/inf) value(s) in "
       "its logits/features at step {step}; check its parameters, inputs and "
       "compute dtype.", bad=bad, step=step)
 
@@ -127,6 +137,7 @@ def build_step_fn(student_apply: ApplyFn,
                   mask_key: Optional[str] = "mask",
                   policy: Optional[Policy] = None,
                   check_teacher_finite: bool = False,
+                  checks: bool = False,
                   teacher_name: str = "teacher",
                   log_grad_norm: bool = False,
                   axis_name: Optional[str] = None,
@@ -141,7 +152,15 @@ def build_step_fn(student_apply: ApplyFn,
   ``gather_fn(trainable) -> trainable`` is applied to the trainable params
   inside the differentiated function (FSDP: an all-gather as a sharding
   constraint, whose transpose reduce-scatters the gradients).
+
+  With ``checks`` (or ``check_teacher_finite``) the step holds ``checkify``
+  checks and must be checkified: :func:`finalize_step` does it (the returned
+  function's ``kdjax_checks`` attribute says so).
   """
+  if checks and axis_name is not None:
+    raise ValueError("checks=True is not supported by the pmap step; use "
+                     "make_sharded_train_step or make_train_step.")
+  check_teacher_finite = check_teacher_finite or checks
   if teacher_is_ema and ema_decay is None:
     raise ValueError("teacher_is_ema=True needs ema_decay.")
   if teacher_apply is None and not teacher_is_ema:
@@ -166,6 +185,13 @@ def build_step_fn(student_apply: ApplyFn,
       teacher_out = None
     if check and check_teacher_finite and teacher_out is not None:
       _check_finite_in_step(teacher_out, teacher_name, state.step)
+    with runtime_checks(check and checks):
+      return _student_grads(state, trainable, teacher_out, batch, model_state,
+                            loss_state, dropout_rng, loss_rng)
+
+  def _student_grads(state, trainable, teacher_out, batch, model_state,
+                     loss_state, dropout_rng, loss_rng):
+    """The loss's gradient w.r.t. the trainable params, given the teacher."""
     student_batch = batch if policy is None else policy.student_inputs(batch)
 
     def objective(trainable):
@@ -260,11 +286,16 @@ def build_step_fn(student_apply: ApplyFn,
       metrics["grad_norm"] = optax.tree.norm(grads["student"])
     return new_state, metrics
 
+  step.kdjax_checks = bool(check_teacher_finite)
   return step
 
 
 def _throwing(checked_step):
-  """Calls a checkified step and raises ``FloatingPointError`` on a failed check."""
+  """Calls a checkified step and raises on a failed check.
+
+  ``FloatingPointError`` for the teacher's non-finite output, ``ValueError``
+  for the losses' value checks (temperature, labels, ...).
+  """
 
   @functools.wraps(checked_step)
   def run(*args, **kwargs):
@@ -272,7 +303,10 @@ def _throwing(checked_step):
     try:
       err.throw()
     except checkify.JaxRuntimeError as e:
-      raise FloatingPointError(str(e).split("\n")[0]) from e
+      message = str(e).split("\n")[0]
+      if message.startswith(_TEACHER_CHECK_PREFIX):
+        raise FloatingPointError(message) from e
+      raise ValueError(message) from e
     return out
 
   run.checked = checked_step
@@ -281,7 +315,17 @@ def _throwing(checked_step):
 
 def finalize_step(step, *, jit: bool, donate: bool, check: bool,
                   **jit_kwargs):
-  """Wraps a step function: checkify (if ``check``), then ``jax.jit``."""
+  """Wraps a step function: checkify (if ``check``), then ``jax.jit``.
+
+  A step built with checks (:func:`build_step_fn` with ``checks`` or
+  ``check_teacher_finite``) is checkified even when ``check`` is ``False``;
+  its ``out_shardings``, given for the unchecked outputs, then get ``None``
+  for checkify's error value.
+  """
+  if not check and getattr(step, "kdjax_checks", False):
+    check = True
+    if "out_shardings" in jit_kwargs:
+      jit_kwargs["out_shardings"] = (None, jit_kwargs["out_shardings"])
   if check:
     step = checkify.checkify(step, errors=checkify.user_checks)
   if jit:
@@ -303,6 +347,7 @@ def make_train_step(student_apply: ApplyFn,
                     mask_key: Optional[str] = "mask",
                     policy: Optional[Policy] = None,
                     check_teacher_finite: bool = False,
+                    checks: bool = False,
                     teacher_name: str = "teacher",
                     log_grad_norm: bool = False):
   """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``.
@@ -340,7 +385,20 @@ def make_train_step(student_apply: ApplyFn,
     check_teacher_finite: check (with ``jax.experimental.checkify``) that the
       teacher's logits and features are finite; a failure raises
       ``FloatingPointError`` naming ``teacher_name``. The step then syncs with
-      the device every call: a debugging option.
+      the device every call: a debugging option. Implied by ``checks``.
+    checks: the step's run-time checks (a debugging option, off by default;
+      off, the compiled step is unchanged). The losses check their arguments
+      eagerly when concrete, but inside the jitted step the temperature (a
+      schedule of the step), the labels and the teacher's output are traced:
+      a bad value would give a NaN (or silently wrong) loss. With
+      ``checks=True`` they are ``jax.experimental.checkify`` checks (the
+      losses' :func:`kdjax.losses.runtime_checks`) and the step raises
+      ``ValueError`` for a temperature ``<= 0`` (or NaN), a label outside
+      ``[0, C)`` (or a negative loss weight, a mixing coefficient outside
+      ``[0, 1]``), and ``FloatingPointError`` naming ``teacher_name`` for
+      NaN/inf in the teacher's logits or features. Each call then waits for
+      the device; the state passed to a step that raises is donated (gone):
+      restart from a checkpoint or from ``donate=False``.
     teacher_name: the teacher's name in error messages.
     log_grad_norm: add ``"grad_norm"`` (global norm of the student's
       gradient) to the metrics.
@@ -355,9 +413,9 @@ def make_train_step(student_apply: ApplyFn,
       teacher_is_ema=teacher_is_ema, accumulation_steps=accumulation_steps,
       accumulation_weighting=accumulation_weighting, mask_key=mask_key,
       policy=policy, check_teacher_finite=check_teacher_finite,
-      teacher_name=teacher_name, log_grad_norm=log_grad_norm)
+      checks=checks, teacher_name=teacher_name, log_grad_norm=log_grad_norm)
   return finalize_step(step, jit=jit, donate=donate,
-                       check=check_teacher_finite)
+                       check=check_teacher_finite or checks)
 
 
 def make_eval_step(student_apply: ApplyFn,
