@@ -314,6 +314,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
+  if args.labels and len(args.labels) != len(args.run_dirs):
+    raise errors.UsageError(f"--labels gives {len(args.labels)} names for "
+                            f"{len(args.run_dirs)} runs.")
   from kdjax.cli import _report  # pylint: disable=g-import-not-at-top
   _report.write_report(args.run_dirs, args.out, args.labels)
   return 0

@@ -90,6 +90,12 @@ def test_missing_data_directory_is_2(tmp_path):
   assert_one_line(proc, errors.EXIT_USAGE, str(tmp_path / "no_data"))
 
 
+def test_report_labels_mismatch_is_2(tmp_path):
+  proc = kdjax("report", tmp_path / "a", tmp_path / "b", "--out",
+               tmp_path / "report", "--labels", "one")
+  assert_one_line(proc, errors.EXIT_USAGE, "--labels gives 1 names for 2 runs")
+
+
 def test_missing_run_directory_is_2(tmp_path):
   proc = kdjax("eval", tmp_path)
   assert_one_line(proc, errors.EXIT_USAGE, "not a kdjax run directory")
