@@ -161,6 +161,48 @@ def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
   return result
 
 
+def default_teacher_dir(run: _models.Run) -> Optional[str]:
+  """The teacher run ``run`` was distilled from, when it is still a run directory."""
+  path = run.meta.get("teacher_run")
+  return path if path and _models.is_run_dir(path) else None
+
+
+def evaluate_run_dir(run_dir: str, *,
+                     teacher_dir: Optional[str] = None,
+                     no_teacher: bool = False,
+                     overrides: Sequence[str] = (),
+                     out: Callable[[str], None] = print) -> dict:
+  """``kdjax eval RUN_DIR``: evaluates a run directory; writes its ``eval.json``.
+
+  Args:
+    run_dir: the run (``kdjax train-teacher`` or ``kdjax distill``).
+    teacher_dir: the teacher run to compare with; default: the run's own
+      teacher (:func:`default_teacher_dir`), if any.
+    no_teacher: evaluate the run's model alone.
+    overrides: ``key=value`` overrides of the run's own config (``eval.*``,
+      ``data.max_eval_examples``).
+    out: where the table is printed.
+
+  Returns:
+    The result written to ``<run_dir>/eval.json`` (see :func:`evaluate_run`).
+
+  Raises:
+    FileNotFoundError: ``run_dir`` (or ``teacher_dir``) is not a run, or has
+      no checkpoint yet.
+  """
+  from kdjax.cli import config as cfg  # pylint: disable=g-import-not-at-top
+  run = _models.read_run(run_dir)
+  if overrides:
+    run.config = cfg.load_config([os.path.join(run.path, _models.CONFIG_FILE)],
+                                 list(overrides))
+  teacher = None
+  if not no_teacher:
+    teacher_dir = teacher_dir or default_teacher_dir(run)
+    if teacher_dir is not None:
+      teacher = _models.read_run(teacher_dir)
+  return evaluate_run(run, teacher, out=out)
+
+
 def format_table(result: Mapping[str, Any]) -> str:
   """The eval results as an aligned text table."""
   cols = ["student"] + (["teacher"] if "teacher" in result else [])
