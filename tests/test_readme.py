@@ -30,11 +30,12 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO_ROOT, "README.md")
 
-_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>```+|~~~+)\s*(?P<lang>[\w+-]*)")
+_FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<ticks>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
-  """``(first line number, code)`` of every ```python block, dedented by its fence."""
+  """``(first line, code)`` of every ```python block, dedented by its fence."""
   blocks = []
   lines = text.splitlines()
   i = 0
@@ -88,7 +89,8 @@ class _Names(ast.NodeVisitor):
     self.bound.add(node.name)
     self.generic_visit(node)
 
-  visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _def  # pylint: disable=invalid-name
+  # pylint: disable-next=invalid-name
+  visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _def
 
   def visit_arg(self, node):  # pylint: disable=invalid-name
     self.bound.add(node.arg)

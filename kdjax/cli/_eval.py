@@ -162,7 +162,7 @@ def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
 
 
 def default_teacher_dir(run: _models.Run) -> Optional[str]:
-  """The teacher run ``run`` was distilled from, when it is still a run directory."""
+  """The teacher run ``run`` was distilled from, if still a run directory."""
   path = run.meta.get("teacher_run")
   return path if path and _models.is_run_dir(path) else None
 
@@ -172,7 +172,7 @@ def evaluate_run_dir(run_dir: str, *,
                      no_teacher: bool = False,
                      overrides: Sequence[str] = (),
                      out: Callable[[str], None] = print) -> dict:
-  """``kdjax eval RUN_DIR``: evaluates a run directory; writes its ``eval.json``.
+  """``kdjax eval RUN_DIR``: evaluates a run; writes its ``eval.json``.
 
   Args:
     run_dir: the run (``kdjax train-teacher`` or ``kdjax distill``).

@@ -294,7 +294,7 @@ def accuracy_figure(runs: Sequence[dict]):
 
 
 def reliability_figure(runs: Sequence[dict]):
-  """``reliability.png`` of the runs with an ``eval.json`` (``None`` if none)."""
+  """``reliability.png`` of the runs with an ``eval.json`` (or ``None``)."""
   evaluated = [r for r in runs if r["eval"]]
   if not evaluated:
     return None
