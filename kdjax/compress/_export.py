@@ -18,8 +18,10 @@ integers inside ``f`` (:mod:`kdjax.compress._int8`)::
   s_x[b] = max|x[b]| / qmax_a,  q_x = clip(round(x / s_x[b]), ±qmax_a)   int8
   y      = s_x[b] s_w[n] · (q_x · q_w)[b, n] + bias[n]     (s8 x s8 -> s32)
 
-(dynamic, one activation scale per example ``b``; convolutions as im2col +
-the same dot); no float copy of those kernels exists in ``f``. With
+(dynamic, one activation scale per example ``b``; convolutions as
+``conv_general_dilated`` with int32 accumulation or as im2col + the same
+dot, whichever XLA:CPU runs faster); no float copy of those kernels exists
+in ``f``. With
 ``compute="dequantize"`` (and always for weight-only w8 / w4, or a layer the
 integer path does not cover) the kernels are dequantised inside ``f``,
 ``W = q_w s_w``, and the activations fake-quantised as in training
@@ -49,7 +51,8 @@ from kdjax.compress import _int8
 from kdjax.compress import _quant
 
 FORMAT = "kdjax-jax-export-v1"
-COMPUTES = ("int8", "int8_direct_conv", "dequantize")
+COMPUTES = ("int8", "int8_im2col", "int8_direct_conv", "dequantize")
+_CONV = {"int8": "auto", "int8_im2col": "im2col", "int8_direct_conv": "direct"}
 ARTIFACT = "model.jaxexport"
 PARAMS = "params.npz"
 MANIFEST = "export.json"
@@ -201,9 +204,10 @@ def export_for_inference(apply: Callable[..., Any],
     platforms: lowering platforms of the artifact.
     metadata: extra JSON-serialisable fields for ``export.json``.
     compute: with activation bits, ``"int8"``: Dense / Conv layers as
-      s8 x s8 -> s32 dots (convs as im2col + dot), rescaled by
-      ``s_x[b] s_w[n]``; ``"int8_direct_conv"``: the same with convs as
-      ``lax.conv_general_dilated(..., preferred_element_type=int32)``;
+      s8 x s8 -> s32 dots / convolutions rescaled by ``s_x[b] s_w[n]``
+      (a conv runs directly when it has >= 32 input or output channels,
+      else as im2col + dot; see :mod:`kdjax.compress._int8`);
+      ``"int8_im2col"`` / ``"int8_direct_conv"``: every conv one way;
       ``"dequantize"``: ``W = q_w s_w`` in float32, then float matmuls on
       fake-quantised activations. Weight-only configs always dequantise.
       ``export.json`` records the compute used and the integer layers.
@@ -261,7 +265,7 @@ def export_for_inference(apply: Callable[..., Any],
       tree = {**tree, "params": _without(tree["params"], int_paths)}
       interceptor = _int8.integer_interceptor(
           kernels, quantize.act_bits,
-          conv="direct" if compute == "int8_direct_conv" else "im2col")
+          conv=_CONV[compute])
       from flax import linen as nn  # pylint: disable=g-import-not-at-top
       with nn.intercept_methods(interceptor):
         out = apply(_dequantize_tree(tree), {input_key: x}, train=False)

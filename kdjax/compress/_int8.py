@@ -15,17 +15,22 @@ fake-quantised forward of training (:func:`kdjax.compress.quantize_apply`)
 up to float rounding, computed without a float copy of the kernel. The int32
 sum is exact while ``K qmax_a qmax_w < 2^31`` (``K < 133,144`` for w8a8).
 
-Convolutions (``nn.Conv``: NHWC, kernel ``[k_1..k_d, C, N]``) are lowered
-as im2col + the same integer dot by default: with the input zero-padded
-(``0`` quantises to ``0`` exactly), stride ``t`` and kernel dilation ``r``::
+Convolutions (``nn.Conv``: NHWC, kernel ``[k_1..k_d, C, N]``) run either
+directly, ``lax.conv_general_dilated(q_x, q_w, ...,
+preferred_element_type=int32)``, or as im2col + the same integer dot: with
+the input zero-padded (``0`` quantises to ``0`` exactly), stride ``t`` and
+kernel dilation ``r``::
 
   P[b, o, (j, c)] = q_x[b, o t + j r, c]       (j over the kernel window)
   acc[b, o, n]    = Σ_(j,c) P[b, o, (j, c)] q_w[j, c, n]
 
-because XLA:CPU runs an s8 ``dot`` through its YNNPACK/XNNPACK library
-fusion but an s8 ``convolution`` as a converted s32 loop (several times
-slower than float32). ``conv="direct"`` emits
-``lax.conv_general_dilated(..., preferred_element_type=int32)`` instead.
+``conv="auto"`` (the default) picks ``direct`` when ``C >= 32`` or
+``N >= 32`` and im2col otherwise: XLA:CPU (jax 0.10) hands an s8
+convolution to its YNNPACK library only for such channel counts and runs
+the others as a converted s32 loop (several times slower than float32),
+while an s8 ``dot`` always goes to YNNPACK; but the im2col copy costs more
+than it saves where the direct path is available (a 3x3, 32 -> 64 conv on
+14x14 at batch 256, one thread: direct 13 ms, im2col 22 ms, float32 16 ms).
 
 :func:`find_integer_layers` finds, by tracing shapes only, the linen
 ``Dense`` / ``Conv`` calls this covers; :func:`integer_interceptor` replaces
@@ -47,7 +52,9 @@ from jax import lax
 
 from kdjax.compress import _quant
 
-CONV_IMPLS = ("im2col", "direct")
+CONV_IMPLS = ("auto", "im2col", "direct")
+# XLA:CPU (jax 0.10) runs an s8 convolution in YNNPACK when C or N >= this.
+DIRECT_CONV_MIN_CHANNELS = 32
 
 
 def quantize_activation(x: chex.Array, bits: int
@@ -115,7 +122,7 @@ def int8_conv(x: chex.Array, q_w: chex.Array, s_w: chex.Array,
               bias: Optional[chex.Array] = None, *,
               strides: Sequence[int], padding: Any,
               kernel_dilation: Sequence[int], act_bits: int = 8,
-              impl: str = "im2col", dtype: Any = jnp.float32) -> chex.Array:
+              impl: str = "auto", dtype: Any = jnp.float32) -> chex.Array:
   """Channels-last convolution ``y = s_x s_w (q_x * q_w) + bias`` in int32.
 
   Args:
@@ -125,14 +132,18 @@ def int8_conv(x: chex.Array, q_w: chex.Array, s_w: chex.Array,
     strides, padding, kernel_dilation: as ``lax.conv_general_dilated``
       (padding ``"SAME"``, ``"VALID"`` or ``(low, high)`` pairs).
     act_bits: activation bits.
-    impl: ``"im2col"`` (patches, then an s8 ``dot_general``) or
-      ``"direct"`` (``conv_general_dilated`` with s32 accumulation).
+    impl: ``"im2col"`` (patches, then an s8 ``dot_general``),
+      ``"direct"`` (``conv_general_dilated`` with s32 accumulation) or
+      ``"auto"``: direct when ``C`` or ``N >= DIRECT_CONV_MIN_CHANNELS``.
     dtype: the output dtype.
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}.")
   q_x, s_x = quantize_activation(x, act_bits)
   window = q_w.shape[:-2]
+  if impl == "auto":
+    impl = "direct" if max(q_w.shape[-2:]) >= DIRECT_CONV_MIN_CHANNELS else (
+        "im2col")
   if impl == "direct":
     d = len(window)
     spec = "N" + "HWDXYZ"[:d] + "C"
@@ -247,7 +258,7 @@ def find_integer_layers(apply: Callable[..., Any], variables: Any,
 
 
 def integer_interceptor(kernels: Mapping[tuple, tuple[chex.Array, chex.Array]],
-                        act_bits: int, *, conv: str = "im2col"):
+                        act_bits: int, *, conv: str = "auto"):
   """A ``flax.linen.intercept_methods`` interceptor for the exported forward.
 
   Modules whose path is in ``kernels`` (``path -> (q_w int8, s_w)``) run

@@ -67,7 +67,7 @@ def cnn():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compute", ["int8", "int8_direct_conv"])
+@pytest.mark.parametrize("compute", ["int8", "int8_im2col", "int8_direct_conv"])
 def test_stablehlo_has_integer_dots_and_no_float_kernel(cnn, tmp_path, compute):
   apply, variables = cnn
   manifest, exported, _ = _export(apply, variables, tmp_path / "e",
@@ -78,7 +78,7 @@ def test_stablehlo_has_integer_dots_and_no_float_kernel(cnn, tmp_path, compute):
   text = exported.mlir_module()
   ops, integer = _matmuls(text)
   assert len(integer) == 4 and len(ops) == 4, ops   # no float matmul left
-  if compute == "int8":
+  if compute != "int8_direct_conv":  # "int8": im2col below 32 channels
     assert all("dot_general" in l for l in integer)
   else:
     assert sum("convolution" in l for l in integer) == 2
@@ -151,6 +151,19 @@ def test_int8_conv_im2col_and_direct_equal_the_integer_reference(kw):
     got = np.asarray(_int8.int8_conv(jnp.asarray(x), q_w, s_w, impl=impl, **kw))
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_conv_is_direct_from_32_channels():
+  def prims(c, n):
+    q_w = jnp.zeros((3, 3, c, n), jnp.int8)
+    jaxpr = jax.make_jaxpr(lambda x: _int8.int8_conv(
+        x, q_w, jnp.ones((n,)), strides=(1, 1), padding="SAME",
+        kernel_dilation=(1, 1)))(jnp.ones((2, 6, 6, c)))
+    return {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert "conv_general_dilated" in prims(32, 8)
+  assert "conv_general_dilated" in prims(4, 32)
+  assert "conv_general_dilated" not in prims(16, 16)
+  assert "dot_general" in prims(16, 16)
 
 
 def test_int8_dense_is_the_integer_product():
@@ -230,7 +243,7 @@ def test_multi_layer_int8_equals_the_fake_quantised_forward(cnn, tmp_path):
       np.float32)
   ref = np.asarray(compress.quantize_apply(apply, W8A8)(
       variables, {"image": x}).logits)
-  for compute in ("int8", "int8_direct_conv", "dequantize"):
+  for compute in ("int8", "int8_im2col", "int8_direct_conv", "dequantize"):
     _, _, predict = _export(apply, variables, tmp_path / compute,
                             quantize=W8A8, compute=compute, int8_min_depth=1)
     # the same integers; only float summation order differs
