@@ -226,7 +226,7 @@ def find_integer_layers(apply: Callable[..., Any], variables: Any,
                         stored_params: Any, x_spec: jax.ShapeDtypeStruct,
                         input_key: str, *, min_depth: int = 1
                         ) -> tuple[list, dict]:
-  """``(paths run in integers, {path: reason} for Dense/Conv calls that are not})``.
+  """``(paths run in integers, {path: reason} for the Dense / Conv calls left float)``.
 
   Traces ``apply(variables, {input_key: x}, train=False)`` with
   ``jax.eval_shape`` (no compute) and checks every linen ``Dense`` /
