@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -41,6 +42,11 @@ from kdjax import models
 from kdjax import train
 from kdjax.data import load_fashion_mnist_split
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The main job's batchers (one copy of the shuffling and evaluation order).
+from fashion_mnist_teacher import epoch_batches  # noqa: E402  pylint: disable=g-import-not-at-top
+from fashion_mnist_teacher import eval_batches  # noqa: E402  pylint: disable=g-import-not-at-top
+
 MEAN, STD = 0.2860, 0.3530
 
 
@@ -53,18 +59,6 @@ def load(data_dir, max_test=None):
       images, labels = images[:max_test], labels[:max_test]
     out[split] = (images, labels)
   return out
-
-
-def epoch_batches(images, labels, batch_size, rng):
-  order = rng.permutation(len(labels))
-  for i in range(len(order) // batch_size):
-    idx = order[i * batch_size:(i + 1) * batch_size]
-    yield {"image": images[idx], "label": labels[idx]}
-
-
-def eval_batches(images, labels, batch_size=1000):
-  for i in range(0, len(labels), batch_size):
-    yield {"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
 
 
 def accuracy(apply, variables, test) -> float:
