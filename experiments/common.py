@@ -111,12 +111,20 @@ def execute(parser: argparse.ArgumentParser, argv, smoke: dict, real: dict,
 
 def prepare(args: argparse.Namespace, timer, **teacher_kw) -> tuple[dict, dict]:
   """Loads the data, prints the run header and gets (trains or loads) the
-  shared teacher, timed as ``"teacher"``; returns ``(data, teacher)``."""
+  shared teacher, timed as ``"teacher"``; returns ``(data, teacher)``.
+
+  With ``args.teacher == "artifact"`` (and not ``--smoke``) the teacher is
+  the main job's committed artifact (``experiments/teacher``, 93.28%),
+  verified by its fingerprint; otherwise the 3-epoch CNN of ``get_teacher``.
+  """
   data = load_data(args)
   run_header(args, data)
   with timer("teacher"):
-    teacher = get_teacher(data, args.workdir, **teacher_kw,
-                          **teacher_args(args))
+    if getattr(args, "teacher", "trained") == "artifact" and not args.smoke:
+      teacher = artifact_teacher(data, **teacher_kw)
+    else:
+      teacher = get_teacher(data, args.workdir, **teacher_kw,
+                            **teacher_args(args))
   print(f"teacher: {teacher['name']}, {teacher['params']:,} params, test "
         f"accuracy {100 * teacher['accuracy']:.2f}%"
         + (" (loaded)" if teacher.get("loaded") else ""), flush=True)
@@ -240,6 +248,27 @@ def get_teacher(data: dict, workdir: str, *, arch: str = "cnn",
   return {"module": module, "apply": apply, "variables": variables,
           "accuracy": accuracy, "params": param_count(variables), "name": name,
           "train_time_s": elapsed, "epochs": epochs, "loaded": False}
+
+
+def artifact_teacher(data: dict, *, feature_names: Sequence[str] = ()) -> dict:
+  """The main job's teacher artifact (``fashion_mnist_teacher.load_teacher``:
+  recipe and fingerprint verified), in ``get_teacher``'s format; ``apply``
+  captures ``feature_names``. The recorded test accuracy is checked against
+  a fresh evaluation on ``data["test"]`` when the whole test set is used."""
+  import fashion_mnist_teacher  # pylint: disable=g-import-not-at-top
+  loaded = fashion_mnist_teacher.load_teacher()
+  module, meta = loaded["module"], loaded["meta"]
+  apply = models.from_linen(module, feature_names=tuple(feature_names),
+                            train_kwarg="train")
+  accuracy = evaluate_accuracy(loaded["apply"], loaded["variables"], data)
+  if len(data["test"][1]) == 10000 and abs(accuracy - meta["test_accuracy"]) > 1e-4:
+    raise RuntimeError(f"the teacher artifact evaluates to {accuracy:.4f}, but "
+                       f"teacher.json records {meta['test_accuracy']:.4f}")
+  recipe = meta["recipe"]
+  return {"module": module, "apply": apply, "variables": loaded["variables"],
+          "accuracy": accuracy, "params": meta["params"], "name": meta["name"],
+          "train_time_s": meta["train_time_s"], "epochs": recipe["epochs"],
+          "loaded": True}
 
 
 def teacher_args(args: argparse.Namespace) -> dict:
