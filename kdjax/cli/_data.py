@@ -32,15 +32,18 @@ are read in order and padded to a fixed size with a ``mask``.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from kdjax.cli import errors
 from kdjax.cli.config import ConfigError
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 2048, 512
 FASHION_MNIST_BUILDER = "kdjax_fashion_mnist"
+IDX_SPLITS = ("train", "test")  # kdjax.data.load_fashion_mnist_split's
 _ARRAY_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _ARRAY_CACHE_SIZE = 4
 
@@ -183,8 +186,23 @@ class _Renamed:
 
 
 def _prepared_builder(data: Mapping[str, Any]):
+  """The prepared TFDS builder of ``data.name``.
+
+  Raises:
+    kdjax.cli.errors.MissingDataError: not prepared in ``data.data_dir`` (the
+      message says how to prepare it; TFDS's own warning about the missing
+      folder is not printed beside it).
+  """
   from kdjax.data import tfds_prepared  # pylint: disable=g-import-not-at-top
-  return tfds_prepared.open_prepared(data["name"], tfds_data_dir(data))
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(max(level, logging.ERROR))
+  try:
+    return tfds_prepared.open_prepared(data["name"], tfds_data_dir(data))
+  except FileNotFoundError as e:
+    raise errors.MissingDataError(str(e)) from None
+  finally:
+    absl_logger.setLevel(level)
 
 
 def _tfds_source(data: Mapping[str, Any], which: str):
@@ -266,8 +284,30 @@ def resolve(data: dict) -> dict:
   return data
 
 
+def _idx_split(data: Mapping[str, Any], which: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The Fashion-MNIST IDX arrays of a split (``data.source: idx``)."""
+  from kdjax.data import _idx  # pylint: disable=g-import-not-at-top
+  split = _split(data, which)
+  if split not in IDX_SPLITS:
+    key = "data.train_split" if which == "train" else "data.eval_split"
+    raise ConfigError(f"config key {key!r}: the Fashion-MNIST IDX files hold "
+                      f"the splits {', '.join(IDX_SPLITS)}, not {split!r}.")
+  try:
+    return _idx.load_fashion_mnist_split(split, data["dir"])
+  except FileNotFoundError as e:
+    raise errors.MissingDataError(
+        f"config key 'data.dir' ({data['dir']}): {e}") from None
+
+
 def build_source(data: Mapping[str, Any], which: str):
-  """The random-access source of the ``"train"`` or ``"eval"`` split."""
+  """The random-access source of the ``"train"`` or ``"eval"`` split.
+
+  Raises:
+    kdjax.cli.config.ConfigError: a split, file or key the data lack.
+    kdjax.cli.errors.MissingDataError: the data directory, or the prepared
+      TFDS dataset, is missing (exit status 2).
+  """
   from kdjax import data as kdata  # pylint: disable=g-import-not-at-top
   resolve(data)
   split, limit = _split(data, which), _limit(data, which)
@@ -278,7 +318,7 @@ def build_source(data: Mapping[str, Any], which: str):
                                       0 if which == "train" else 1)
     return kdata.ArraySource(images, labels)
   if source == "idx":
-    images, labels = kdata.load_fashion_mnist_split(split, data["dir"])
+    images, labels = _idx_split(data, which)
     if limit is not None:
       images, labels = images[:limit], labels[:limit]
     return kdata.ArraySource(images, labels)
@@ -292,9 +332,24 @@ def build_source(data: Mapping[str, Any], which: str):
   if all(v is not None for v in limits):
     kwargs["max_examples"] = max(limits)
   split_arg = split if limit is None else f"{split}[:{limit}]"
-  return tfds_fashion_mnist.load_source(data["name"], split_arg,
-                                        data_dir=tfds_data_dir(data),
-                                        **kwargs)
+  try:
+    return tfds_fashion_mnist.load_source(data["name"], split_arg,
+                                          data_dir=tfds_data_dir(data),
+                                          **kwargs)
+  except FileNotFoundError as e:
+    raise errors.MissingDataError(
+        f"config key 'data.dir' ({data['dir']}): {e}") from None
+
+
+def split_name(data: Mapping[str, Any], which: str) -> str:
+  """What the ``"train"``/``"eval"`` examples are called in messages: the
+  split (``tfds``, ``idx``), the file name (``arrays``: ``data.train_path`` /
+  ``data.eval_path``) or ``"synthetic train"``/``"synthetic eval"``."""
+  if data["source"] == "arrays":
+    return os.path.basename(_array_paths(data, which)[0])
+  if data["source"] == "synthetic":
+    return f"synthetic {_side(which)}"
+  return _split(data, which)
 
 
 def dataset_name(data: Mapping[str, Any], which: str) -> str:
@@ -320,8 +375,7 @@ def train_pipeline(data: Mapping[str, Any], source, seed: int,
   from kdjax.data import InputPipeline  # pylint: disable=g-import-not-at-top
   batch_size = batch_size or data["batch_size"]
   if batch_size > len(source):
-    from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
-    raise ConfigError(
+    raise errors.BatchSizeError(
         f"config key 'data.batch_size' ({batch_size}) exceeds the "
         f"{len(source)} training examples.")
   return InputPipeline(source, batch_size, seed=seed, shuffle=True,

@@ -31,6 +31,7 @@ import numpy as np
 from kdjax.cli import _data
 from kdjax.cli import _models
 from kdjax.cli import calibration
+from kdjax.cli import errors
 
 EVAL_FILE = "eval.json"
 
@@ -106,7 +107,16 @@ def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
   The run's own model is reported under ``"student"`` (also for a teacher
   run: ``result["model"]`` says which it is), the teacher under
   ``"teacher"``.
+
+  Raises:
+    kdjax.cli.errors.UsageError: the teacher has another number of classes.
+    kdjax.cli.errors.MissingRunError: a run has no checkpoint yet.
   """
+  if teacher is not None and teacher.num_classes != run.num_classes:
+    raise errors.UsageError(
+        f"the teacher run {teacher.path} has {teacher.num_classes} classes, "
+        f"the run {run.path} {run.num_classes}: compare it with a teacher "
+        "of the same data (--teacher TEACHER_RUN) or pass --no-teacher.")
   config = run.config
   ev = config["eval"]
   data = config["data"]
@@ -117,10 +127,6 @@ def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
   s_apply = _models.make_apply(s_module)
   t_apply = t_vars = None
   if teacher is not None:
-    if teacher.num_classes != run.num_classes:
-      raise ValueError(f"the teacher run {teacher.path} has "
-                       f"{teacher.num_classes} classes, the run "
-                       f"{run.path} {run.num_classes}.")
     t_apply = _models.make_apply(teacher.module())
     t_vars = teacher.restore_variables()
   fn = make_eval_fn(s_apply, t_apply, num_bins=ev["ece_bins"])
@@ -136,7 +142,7 @@ def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
             "step": run.latest_step(),
             "teacher_run": None if teacher is None else os.path.abspath(
                 teacher.path),
-            "split": data["eval_split"], "count": int(count),
+            "split": _data.split_name(data, "eval"), "count": int(count),
             "ece_bins": ev["ece_bins"],
             "student": {**_finish(totals["student"], count),
                         "params": _models.param_count(s_vars),

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.cli import errors
+
 RUN_META = "run.json"
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -315,10 +317,15 @@ class Run:
     return steps[-1] if steps else None
 
   def restore_variables(self, shardings: Any = None) -> dict:
-    """The trained model's variables (latest checkpoint), read-only."""
+    """The trained model's variables (latest checkpoint), read-only.
+
+    Raises:
+      kdjax.cli.errors.MissingRunError: the run has no checkpoint yet (exit
+        status 2).
+    """
     from kdjax import checkpoint  # pylint: disable=g-import-not-at-top
     if self.latest_step() is None:
-      raise FileNotFoundError(
+      raise errors.MissingRunError(
           f"the run at {self.path} has no checkpoint yet (in "
           f"{self.checkpoint_dir}); train it first.")
     target = abstract_variables(self.module(), self.image_shape)
@@ -341,16 +348,23 @@ def read_run(path: str) -> Run:
   """Reads ``path``'s config.yaml and run.json.
 
   Raises:
-    FileNotFoundError: ``path`` is not a kdjax run directory.
+    kdjax.cli.errors.MissingRunError: ``path`` is not a kdjax run directory
+      (a ``FileNotFoundError``; exit status 2).
+    kdjax.cli.errors.RunError: its run.json is not valid JSON (exit status 1).
   """
   from kdjax.cli import config as cfg  # pylint: disable=g-import-not-at-top
   meta_path = os.path.join(path, RUN_META)
   if not os.path.exists(meta_path):
-    raise FileNotFoundError(
+    raise errors.MissingRunError(
         f"{path} is not a kdjax run directory (no {RUN_META}); runs are "
         "written by `kdjax train-teacher` and `kdjax distill`.")
   with open(meta_path) as f:
-    meta = json.load(f)
+    text = f.read()
+  try:
+    meta = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise errors.RunError(f"{meta_path} is not valid JSON ({e}); the run "
+                          "directory is damaged.") from None
   # The saved config is complete and valid; load_config re-checks it.
   config = cfg.load_config([os.path.join(path, CONFIG_FILE)])
   return Run(path=path, config=config, meta=meta)

@@ -34,6 +34,7 @@ from kdjax.cli import _eval
 from kdjax.cli import _logging
 from kdjax.cli import _models
 from kdjax.cli import _train
+from kdjax.cli import errors
 
 
 def _load_json(path: str) -> Optional[dict]:
@@ -96,8 +97,9 @@ def _import_figure():
   try:
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("kdjax report draws with matplotlib: pip install "
-                      "'kdjax[plots]' (or matplotlib).") from e
+    raise errors.MissingDependencyError(
+        "kdjax report draws with matplotlib: pip install 'kdjax[plots]' (or "
+        "matplotlib).") from e
   return Figure
 
 
@@ -148,17 +150,18 @@ def load_runs(run_dirs: Sequence[str],
               labels: Optional[Sequence[str]] = None) -> list[dict]:
   """Reads each run's metrics, run.json, summary.json and eval.json."""
   if labels and len(labels) != len(run_dirs):
-    raise ValueError(f"--labels gives {len(labels)} names for "
-                     f"{len(run_dirs)} runs.")
+    raise errors.UsageError(f"--labels gives {len(labels)} names for "
+                            f"{len(run_dirs)} runs.")
   runs = []
   for i, path in enumerate(run_dirs):
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"no run directory {path}.")
+      raise errors.MissingRunError(f"no run directory {path}.")
     records = _logging.read_metrics(path)
     if not records and not os.path.exists(os.path.join(path,
                                                         _eval.EVAL_FILE)):
-      raise FileNotFoundError(f"{path} has neither {_logging.METRICS_FILE} "
-                              f"nor {_eval.EVAL_FILE}: not a kdjax run.")
+      raise errors.MissingRunError(
+          f"{path} has neither {_logging.METRICS_FILE} nor "
+          f"{_eval.EVAL_FILE}: not a kdjax run.")
     runs.append({
         "path": path,
         "label": labels[i] if labels else os.path.basename(
@@ -329,11 +332,11 @@ def write_report(run_dirs: Sequence[str], out_dir: str,
   """
   _import_figure()  # fail before any evaluation when matplotlib is missing
   if labels and len(labels) != len(run_dirs):
-    raise ValueError(f"--labels gives {len(labels)} names for "
-                     f"{len(run_dirs)} runs.")
+    raise errors.UsageError(f"--labels gives {len(labels)} names for "
+                            f"{len(run_dirs)} runs.")
   for path in run_dirs:
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"no run directory {path}.")
+      raise errors.MissingRunError(f"no run directory {path}.")
   if evaluate:
     evaluate_missing(run_dirs, out=out)
   runs = load_runs(run_dirs, labels)
