@@ -7,7 +7,9 @@ vocabularies), jitted generation (temperature, top-k, top-p), sequence-level
 KD (Kim & Rush 2016) and on-policy distillation (GKD, Agarwal et al. 2024);
 cross-tokenizer distillation (Universal Logit Distillation, ``make_uld_loss``);
 memory-lean terms for large vocabularies (``lean_token_kd_term``, from hidden
-states, never forming ``[B, T, V]`` logits).
+states, never forming ``[B, T, V]`` logits); Tunix's Qwen3 / Llama 3 / Gemma 3
+NNX models as teachers and students (``make_tunix_lm_apply``; needs the
+``.[tunix]`` extra, imported only when used).
 """
 
 from kdjax import _lazy
@@ -28,4 +30,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._model": ("DecoderLM", "TransformerConfig", "init_cache", "init_lm",
         "make_lm_apply", "unembedding"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
+    "._tunix": ("FAMILIES", "TUNIX_FAMILIES", "init_tunix_cache",
+        "init_tunix_model", "make_tunix_lm_apply", "make_tunix_rollout_fn",
+        "rebuild_model", "tunix_family", "tunix_generate", "tunix_model_config",
+        "tunix_presets", "tunix_unembedding", "tunix_vocab_rows"),
 })
