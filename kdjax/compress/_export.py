@@ -171,6 +171,11 @@ def _at(tree: Any, path: tuple) -> Any:
   return tree
 
 
+def _is_key(x: Any) -> bool:
+  """Whether ``x`` is a typed PRNG key array (``jax.random.key``)."""
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
 def _leaf_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -250,12 +255,20 @@ def export_for_inference(apply: Callable[..., Any],
   used = compute if int_paths else ("dequantize" if quantize is not None
                                    else "float")
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(stored)
-  arrays = [np.asarray(x) for _, x in leaves_with_paths]
+  # Typed PRNG keys (an NNX model's RNG streams, e.g. for dropout) have no
+  # NumPy form: they are stored as their key data and wrapped again inside
+  # the exported function.
+  key_impls = {i: jax.random.key_impl(x)
+               for i, (_, x) in enumerate(leaves_with_paths) if _is_key(x)}
+  arrays = [np.asarray(jax.random.key_data(x) if i in key_impls else x)
+            for i, (_, x) in enumerate(leaves_with_paths)]
   names = [_leaf_name(p) for p, _ in leaves_with_paths]
 
   def f(*args):
     *leaves, x = args
-    tree = jax.tree_util.tree_unflatten(treedef, list(leaves))
+    leaves = [jax.random.wrap_key_data(leaf, impl=key_impls[i])
+              if i in key_impls else leaf for i, leaf in enumerate(leaves)]
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
     if int_paths:
       # Integer layers read (q_w, s_w) from the interceptor; their kernels
       # leave the params tree, so no float copy of them is ever built.
@@ -296,6 +309,8 @@ def export_for_inference(apply: Callable[..., Any],
       "quantization": None if quantize is None else quantize.name,
       "compute": used,
       "int8_layers": ["/".join(p) for p in int_paths],
+      **({"prng_key_arrays": {names[i]: str(impl) for i, impl in
+                              key_impls.items()}} if key_impls else {}),
       "activation_scale": "dynamic, per example" if quantize is not None and (
           quantize.act_bits is not None) else None,
       **({"float_layers": {"/".join(p): why for p, why in not_int.items()}}
