@@ -19,5 +19,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
         "StructureMismatchError", "TeacherMismatchError", "tree_checksums",
         "tree_fingerprint"),
     "._iterator": ("ArrayBatchIterator", "ResumableIterator"),
-    "._manager": ("DistillCheckpointer", "RestoredRun", "abstract_like"),
+    "._layout": ("abstract_like",),
+    "._manager": ("DistillCheckpointer",),
+    "._restore": ("RestoredRun",),
 })

@@ -22,11 +22,11 @@ from etils import epath
 from kdjax.checkpoint import _integrity
 from kdjax.checkpoint._integrity import CheckpointCorruptedError
 from kdjax.checkpoint._integrity import TeacherMismatchError
-from kdjax.checkpoint._manager import STATE_ITEM
-from kdjax.checkpoint._manager import Shardings
-from kdjax.checkpoint._manager import _absolute
-from kdjax.checkpoint._manager import _short
-from kdjax.checkpoint._manager import abstract_like
+from kdjax.checkpoint._layout import STATE_ITEM
+from kdjax.checkpoint._layout import Shardings
+from kdjax.checkpoint._layout import abstract_like
+from kdjax.checkpoint._layout import absolute as _absolute
+from kdjax.checkpoint._layout import short_error as _short
 
 
 def export_student(state: Any,
