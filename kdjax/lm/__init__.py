@@ -9,7 +9,9 @@ cross-tokenizer distillation (Universal Logit Distillation, ``make_uld_loss``);
 memory-lean terms for large vocabularies (``lean_token_kd_term``, from hidden
 states, never forming ``[B, T, V]`` logits); Tunix's Qwen3 / Llama 3 / Gemma 3
 NNX models as teachers and students (``make_tunix_lm_apply``; needs the
-``.[tunix]`` extra, imported only when used).
+``.[tunix]`` extra, imported only when used); their local Hugging Face
+checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
+``save_hf_checkpoint``).
 """
 
 from kdjax import _lazy
@@ -26,6 +28,9 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._generate": ("GenerationOutput", "SamplingConfig",
         "batch_from_generation", "generate", "make_rollout_fn",
         "sample_logits"),
+    "._hf": ("HFCheckpoint", "HFCheckpointError", "check_same_tokenizer",
+        "check_tokenizer_fits", "load_hf_checkpoint", "load_hf_tokenizer",
+        "save_hf_checkpoint", "student_from_teacher", "tunix_config_from_hf"),
     "._lean": ("lean_token_ce_term", "lean_token_kd_term"),
     "._model": ("DecoderLM", "TransformerConfig", "init_cache", "init_lm",
         "make_lm_apply", "unembedding"),
