@@ -1,15 +1,20 @@
-"""``kdjax train-teacher`` and ``kdjax distill``: one resumable training loop.
+"""``kdjax train-teacher`` and ``kdjax distill``: the image commands' phases.
 
-The loop (for either command)::
+:func:`train` reads top to bottom, one phase per function::
 
-  source (kdjax.data) -> InputPipeline (grain, shuffled by seed, resumable)
-    [-> teacher outputs gathered from the teacher cache, offline]
-    -> jitted step: augment_batch once (shared by teacher and student)
-                    -> kdjax.train.make_train_step (teacher frozen)
-    -> metrics summed on the device, fetched every train.log_every steps
-       (metrics.jsonl, TensorBoard, tqdm bar)
-    -> DistillCheckpointer.save(state, data position, metrics window) every
-       save_every steps
+  image_data        source (kdjax.data) -> InputPipeline (grain, shuffled by
+                    seed, resumable) [-> teacher outputs gathered from the
+                    teacher cache, offline]; the run's number of steps
+  build_student     the model, its apply function (the features the method
+                    reads) and initial variables
+  build_objective   the method's loss, the optimizer, the state and the
+                    jitted step: augment_batch once (shared by teacher and
+                    student) -> kdjax.train's step (teacher frozen);
+                    train.checks adds its checkify checks
+  write_run         config.yaml and run.json of the run directory
+  ImageEvaluator    accuracy (and teacher agreement, KL) on the eval split
+  _trainer.run      restore, loop, evaluate, save (shared with ``kdjax lm``,
+                    see :mod:`kdjax.cli._trainer`)
 
 On start the run resumes from its newest checkpoint (state, RNG, optimizer,
 loss state, data position and the sums of the metrics window it stopped in),
@@ -22,66 +27,30 @@ and exit with status 130/143.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import signal
-import threading
-import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kdjax.cli import _data
-from kdjax.cli import _logging
 from kdjax.cli import _models
+from kdjax.cli import _trainer
 from kdjax.cli import config as cfg
+from kdjax.cli import errors
 from kdjax.cli.config import ConfigError
 
-SUMMARY_FILE = "summary.json"
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-# -----------------------------------------------------------------------------
-# Optimizer and precision.
-# -----------------------------------------------------------------------------
-
-
-def build_optimizer(opt: Mapping[str, Any], total_steps: int,
-                    lr: Optional[float] = None):
-  """``(optax transformation, learning-rate schedule)`` of the ``optimizer`` section."""
-  lr = opt["lr"] if lr is None else lr
-  warmup = min(opt["warmup_steps"], max(total_steps - 1, 0))
-  if opt["schedule"] == "cosine":
-    if warmup:
-      schedule = optax.warmup_cosine_decay_schedule(
-          0.0, lr, warmup, max(total_steps, warmup + 1))
-    else:
-      schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1))
-  else:
-    schedule = (optax.linear_schedule(0.0, lr, warmup) if warmup
-                else optax.constant_schedule(lr))
-    if warmup:
-      schedule = optax.join_schedules(
-          [schedule, optax.constant_schedule(lr)], [warmup])
-  if opt["name"] == "adamw":
-    tx = optax.adamw(schedule, weight_decay=opt["weight_decay"])
-  elif opt["name"] == "adam":
-    tx = optax.adam(schedule)
-  else:
-    tx = optax.sgd(schedule, momentum=opt["momentum"] or None)
-  if opt["grad_clip"] is not None:
-    tx = optax.chain(optax.clip_by_global_norm(opt["grad_clip"]), tx)
-  return tx, schedule
-
-
-def build_policy(name: str):
-  from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
-  return {"float32": None, "bf16_teacher": ktrain.Policy.bf16_teacher(),
-          "bf16": ktrain.Policy.bf16()}[name]
+# Shared with kdjax lm (kept here for the modules that read them from _train).
+SUMMARY_FILE = _trainer.SUMMARY_FILE
+EXIT_INTERRUPTED = _trainer.EXIT_INTERRUPTED
+WINDOW_KEY = _trainer.WINDOW_KEY
+build_optimizer = _trainer.build_optimizer
+build_policy = _trainer.build_policy
+StopRequest = _trainer.StopRequest
+resume = _trainer.resume
+restored_window = _trainer.restored_window
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +106,7 @@ def load_online_teacher(config: Mapping[str, Any], feature_names: Sequence[str],
     target = _models.abstract_variables(module, image_shape)
     variables = checkpoint.restore_teacher(path, target)
   else:
-    raise FileNotFoundError(
+    raise errors.MissingRunError(
         f"no teacher run at {path}: train one with `kdjax train-teacher "
         "--config ...` (same config), or set teacher.run_dir.")
   apply = _models.make_apply(module, feature_names)
@@ -168,7 +137,7 @@ def load_cache_teacher(config: Mapping[str, Any], feature_names: Sequence[str],
   from kdjax import cache as kcache  # pylint: disable=g-import-not-at-top
   path = cfg.cache_dir(config)
   if not os.path.exists(os.path.join(path, "manifest.json")):
-    raise FileNotFoundError(
+    raise errors.MissingRunError(
         f"no teacher cache at {path}: build it with `kdjax cache-teacher "
         "--config ...` (same config), or set cache.dir.")
   tc = kcache.open_teacher_cache(
@@ -236,71 +205,169 @@ class CachedBatches:
 
 
 # -----------------------------------------------------------------------------
-# Interrupts.
+# Phases.
 # -----------------------------------------------------------------------------
 
 
-class StopRequest:
-  """Turns SIGINT/SIGTERM into a flag the loop checks at each step boundary
-  (a second SIGINT aborts at once)."""
-
-  def __init__(self):
-    self.signum: Optional[int] = None
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-
-  def __enter__(self) -> "StopRequest":
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+@dataclasses.dataclass
+class ImageData:
+  """The training data of a run: the source, its image shape, the resumable
+  batches (with the cached teacher's outputs for an offline teacher) and the
+  run's number of steps."""
+  source: Any
+  image_shape: tuple
+  pipeline: Any
+  batches: Any
+  total: int
+  batch_size: int
 
 
-WINDOW_KEY = "metrics_window"
+def image_data(config: Mapping[str, Any], source, teacher: "Teacher",
+               steps: Optional[int], epochs: float) -> ImageData:
+  """The data phase: the training source, pipeline and step count."""
+  data = config["data"]
+  source = source if source is not None else _data.build_source(data, "train")
+  pipeline = _data.train_pipeline(data, source, config["seed"])
+  batches = (CachedBatches(pipeline, teacher.cache) if teacher.kind == "cache"
+             else pipeline)
+  total = steps or max(1, math.ceil(epochs * pipeline.steps_per_epoch))
+  return ImageData(source=source, image_shape=image_shape_of(source),
+                   pipeline=pipeline, batches=batches, total=total,
+                   batch_size=data["batch_size"])
 
 
-def resume(ckpt, state, batches, log_every: int):
-  """``(state, step, metrics window)`` of ``ckpt``'s newest good step.
-
-  A fresh run (no checkpoint) gets ``(state, 0, empty window)``; the data
-  iterator ``batches`` is moved to the restored position. If the restore
-  fails (every step corrupted), ``ckpt`` is closed before the error goes up.
-  """
-  if ckpt.latest_step() is None:
-    return state, 0, _logging.MetricsWindow()
-  try:
-    restored = ckpt.restore(state, data_iterator=batches, fallback=True)
-  except BaseException:
-    ckpt.close()
-    raise
-  return (restored.state, restored.step,
-          restored_window(restored.extra, restored.step, log_every))
+@dataclasses.dataclass
+class Student:
+  """The model being trained: its module, apply function and variables."""
+  module: Any
+  apply: Callable
+  variables: Any
 
 
-def restored_window(extra: Optional[Mapping[str, Any]], start: int,
-                    log_every: int) -> _logging.MetricsWindow:
-  """The metrics window saved with the checkpoint of step ``start``.
+def build_student(config: Mapping[str, Any], model_key: str, spec,
+                  image_shape: Sequence[int], key) -> Student:
+  """The models phase: ``config[model_key]`` built, initialised and checked
+  to produce the features the method reads."""
+  module = _models.build_module(config[model_key],
+                                config["data"]["num_classes"])
+  features = spec.feature_names()
+  apply = _models.make_apply(module, features["student"]
+                             if spec.recipe == "distill" else ())
+  variables = _models.init_variables(module, key, image_shape)
+  _check_features(apply, variables, image_shape, model_key, config)
+  return Student(module=module, apply=apply, variables=variables)
 
-  Empty when the checkpoint holds none (saved by an older kdjax) or one that
-  does not end at ``start`` on this ``log_every`` grid (the config changed).
-  """
-  window = _logging.MetricsWindow.from_json((extra or {}).get(WINDOW_KEY))
-  if window.steps != start % log_every:
-    window.reset()
-  return window
+
+@dataclasses.dataclass
+class Objective:
+  """The loss, the initial state and the jitted step of a run."""
+  loss_fn: Any
+  state: Any
+  train_step: Callable
+  schedule: Callable
+  policy: Any
+
+
+def build_objective(config: Mapping[str, Any], spec, student: Student,
+                    teacher: "Teacher", data: ImageData, lr: Optional[float],
+                    keys) -> Objective:
+  """The objective phase: the method's loss (its hyper-parameters checked on
+  an example batch: a value the loss rejects is a ConfigError), the
+  optimizer, the state and the jitted train step."""
+  from kdjax import methods  # pylint: disable=g-import-not-at-top
+  from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
+  k_state, k_loss, k_aug = keys
+  loss_fn = methods.build_loss(spec, num_data=len(data.source))
+  example = data.batches.batch_at(0)
+  teacher_apply = teacher.apply if teacher.kind in ("online", "cache") else None
+
+  def outputs(variables, batch):
+    s_out = student.apply(variables, batch, train=False)
+    if teacher_apply is not None:
+      t_out = ktrain.teacher_forward(teacher_apply, teacher.variables, batch)
+    else:
+      t_out = s_out if teacher.kind == "ema" else None
+    return s_out, t_out
+
+  loss_params, loss_state = {}, {}
+  if any(t.init_params or t.init_state for t in loss_fn.terms):
+    s_out, t_out = outputs(student.variables, example)
+    loss_params = loss_fn.init_params(k_loss, s_out, t_out, example)
+    loss_state = loss_fn.init_state(k_loss, s_out, t_out, example)
+
+  def loss_on(variables, batch):
+    return loss_fn(*outputs(variables, batch), batch, params=loss_params,
+                   state=loss_state, rng=k_loss)
+
+  _trainer.check_objective(
+      lambda: jax.eval_shape(loss_on, student.variables, example), spec.name)
+
+  tc = config["train"]
+  optimizer, schedule = _trainer.build_optimizer(config["optimizer"],
+                                                 data.total, lr)
+  policy = _trainer.build_policy(tc["precision"])
+  state = ktrain.create_state(student.variables, optimizer, rng=k_state,
+                              loss_params=loss_params, loss_state=loss_state,
+                              ema=spec.recipe == "mean_teacher", policy=policy)
+  step_kwargs = dict(accumulation_steps=tc["accumulation_steps"],
+                     policy=policy, checks=tc["checks"],
+                     **spec.train_step_kwargs())
+  if teacher.kind == "cache":
+    from kdjax import cache as kcache  # pylint: disable=g-import-not-at-top
+    # Checks the loss's temperature against a top-k cache's.
+    kcache.make_cached_train_step(student.apply, teacher.cache, loss_fn,
+                                  optimizer, jit=False, **step_kwargs)
+  raw_step = ktrain.build_step_fn(student.apply, teacher_apply, loss_fn,
+                                  optimizer, **step_kwargs)
+  train_step = _trainer.finalize(
+      _with_augmentation(raw_step, config["data"], k_aug), checks=tc["checks"])
+  return Objective(loss_fn=loss_fn, state=state, train_step=train_step,
+                   schedule=schedule, policy=policy)
+
+
+def run_meta(command: str, model_key: str, spec, teacher: "Teacher",
+             data: ImageData) -> dict:
+  """run.json: what the run trains (read back by eval, export, report)."""
+  return {"command": command, "model": model_key, "method": spec.name,
+          "teacher_source": teacher.kind,
+          "teacher_run": (teacher.path if teacher.kind == "online" else
+                          (teacher.cache.manifest.get("teacher_name")
+                           if teacher.kind == "cache" else None)),
+          "teacher_cache": teacher.path if teacher.kind == "cache" else None,
+          "image_shape": list(data.image_shape),
+          "num_train_examples": len(data.source),
+          "batch_size": data.batch_size, "steps": data.total}
+
+
+class ImageEvaluator:
+  """``evaluate(state)``: the student's accuracy on the eval split (and, with
+  an online teacher, the teacher's, their agreement and KL); the eval batches
+  are read on first use."""
+
+  def __init__(self, config: Mapping[str, Any], student: Student,
+               teacher: "Teacher", policy):
+    from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
+    self._data = config["data"]
+    self.source = _data.build_source(self._data, "eval")
+    self._teacher_vars = (teacher.variables if teacher.kind == "online"
+                          else None)
+    self._step = ktrain.make_eval_step(
+        student.apply, teacher.apply if teacher.kind == "online" else None,
+        policy=policy)
+    self._batches = None
+
+  def __call__(self, state) -> dict:
+    from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
+    if self._batches is None:
+      self._batches = _data.eval_batches(self._data, self.source)
+    report = ktrain.evaluate(self._step, state.student_variables(),
+                             self._teacher_vars, self._batches)
+    report.pop("count")
+    return {"accuracy": report.pop("student_accuracy"), **report}
 
 
 # -----------------------------------------------------------------------------
-# The loop.
+# The command.
 # -----------------------------------------------------------------------------
 
 
@@ -312,219 +379,40 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
 
   Returns the exit status (0, or 130/143 after an interrupt).
   """
-  from kdjax import checkpoint as kckpt  # pylint: disable=g-import-not-at-top
-  from kdjax import methods  # pylint: disable=g-import-not-at-top
-  from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
-  tag = f"[{command}]"
-  data = config["data"]
-  seed = config["seed"]
-  num_classes = data["num_classes"]
-
-  train_source = source if source is not None else _data.build_source(data,
-                                                                      "train")
-  image_shape = image_shape_of(train_source)
-  pipeline = _data.train_pipeline(data, train_source, seed)
   if teacher is None:
     teacher = Teacher(kind="ema" if spec.recipe == "mean_teacher" else "none")
-  batches = (CachedBatches(pipeline, teacher.cache) if teacher.kind == "cache"
-             else pipeline)
-  total = steps or max(1, math.ceil(epochs * pipeline.steps_per_epoch))
-  batch_size = data["batch_size"]
-
-  # Existing run of another kind?
-  meta_path = os.path.join(run_dir, _models.RUN_META)
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      previous = json.load(f)
-    if previous.get("model") != model_key:
-      raise ConfigError(
-          f"{run_dir} holds a run that trained the {previous.get('model')} "
-          f"(by `kdjax {previous.get('command')}`); give this {command} run "
-          "its own directory.")
-
-  # Models and loss.
-  module = _models.build_module(config[model_key], num_classes)
-  features = spec.feature_names()
-  student_apply = _models.make_apply(module, features["student"]
-                                     if spec.recipe == "distill" else ())
-  k_init, k_state, k_loss, k_aug = jax.random.split(jax.random.PRNGKey(seed), 4)
-  variables = _models.init_variables(module, k_init, image_shape)
-  _check_features(student_apply, variables, image_shape, model_key, config)
-  loss_fn = methods.build_loss(spec, num_data=len(train_source))
-  example = batches.batch_at(0)
-  loss_params, loss_state = {}, {}
-  if any(t.init_params or t.init_state for t in loss_fn.terms):
-    s_out = student_apply(variables, example, train=False)
-    if teacher.kind in ("online", "cache"):
-      t_out = ktrain.teacher_forward(teacher.apply, teacher.variables, example)
-    else:
-      t_out = s_out if teacher.kind == "ema" else None
-    loss_params = loss_fn.init_params(k_loss, s_out, t_out, example)
-    loss_state = loss_fn.init_state(k_loss, s_out, t_out, example)
-
-  optimizer, schedule = build_optimizer(config["optimizer"], total, lr)
-  policy = build_policy(config["train"]["precision"])
-  state = ktrain.create_state(variables, optimizer, rng=k_state,
-                              loss_params=loss_params, loss_state=loss_state,
-                              ema=spec.recipe == "mean_teacher", policy=policy)
-  step_kwargs = dict(jit=False,
-                     accumulation_steps=config["train"]["accumulation_steps"],
-                     policy=policy, **spec.train_step_kwargs())
-  if teacher.kind == "cache":
-    from kdjax import cache as kcache  # pylint: disable=g-import-not-at-top
-    raw_step = kcache.make_cached_train_step(student_apply, teacher.cache,
-                                             loss_fn, optimizer, **step_kwargs)
-  else:
-    raw_step = ktrain.make_train_step(
-        student_apply, teacher.apply if teacher.kind == "online" else None,
-        loss_fn, optimizer, **step_kwargs)
-  train_step = jax.jit(_with_augmentation(raw_step, data, k_aug),
-                       donate_argnums=(0,))
-  teacher_vars = teacher.variables if teacher.kind == "online" else None
-
-  # Run directory, checkpoints, resume.
-  meta = {"command": command, "model": model_key, "method": spec.name,
-          "teacher_source": teacher.kind,
-          "teacher_run": (teacher.path if teacher.kind == "online" else
-                          (teacher.cache.manifest.get("teacher_name")
-                           if teacher.kind == "cache" else None)),
-          "teacher_cache": teacher.path if teacher.kind == "cache" else None,
-          "image_shape": list(image_shape),
-          "num_train_examples": len(train_source), "batch_size": batch_size,
-          "steps": total}
-  _models.write_run(run_dir, config, meta)
-  eval_source = _data.build_source(data, "eval")
-  ck = config["checkpoint"]
-  fingerprint = None
-  if teacher.kind == "cache":
-    fingerprint = teacher.cache.fingerprint["teacher"]
-  ckpt = kckpt.DistillCheckpointer(
-      os.path.join(run_dir, _models.CHECKPOINTS),
-      save_every=ck["save_every"] or None, keep_last=ck["keep"],
-      async_save=ck["async"], config=cfg.to_json(config),
-      teacher=teacher_vars, teacher_fingerprint=fingerprint)
-  tc = config["train"]
-  state, start, window = resume(ckpt, state, batches, tc["log_every"])
-  if start:
-    out(f"{tag} resuming {run_dir} from step {start} (checkpoint "
-        f"{ckpt.step_path(start)})")
-  epochs_done = total / pipeline.steps_per_epoch
-  out(f"{tag} {model_key} {config[model_key]['arch']} "
-      f"({_models.param_count(variables):,} params), method {spec.name}"
+  data = image_data(config, source, teacher, steps, epochs)
+  _trainer.check_run_kind(run_dir, model_key, command)
+  k_init, *keys = jax.random.split(jax.random.PRNGKey(config["seed"]), 4)
+  student = build_student(config, model_key, spec, data.image_shape, k_init)
+  objective = build_objective(config, spec, student, teacher, data, lr, keys)
+  _models.write_run(run_dir, config, run_meta(command, model_key, spec,
+                                              teacher, data))
+  evaluate = ImageEvaluator(config, student, teacher, objective.policy)
+  ckpt = _trainer.open_checkpointer(
+      run_dir, config,
+      teacher=teacher.variables if teacher.kind == "online" else None,
+      teacher_fingerprint=(teacher.cache.fingerprint["teacher"]
+                           if teacher.kind == "cache" else None))
+  epochs_done = data.total / data.pipeline.steps_per_epoch
+  describe = (
+      f"[{command}] {model_key} {config[model_key]['arch']} "
+      f"({_models.param_count(student.variables):,} params), method "
+      f"{spec.name}"
       + (f", teacher {teacher.kind} {teacher.path}" if teacher.path else "")
-      + f"; {total} steps of {batch_size} ({epochs_done:.2f} epochs of "
-      f"{len(train_source)} examples); run dir {run_dir}")
-
-  # Evaluation.
-  eval_data = None
-  eval_step = ktrain.make_eval_step(
-      student_apply, teacher.apply if teacher.kind == "online" else None,
-      policy=policy)
-
-  def evaluate(current) -> dict:
-    nonlocal eval_data
-    if eval_data is None:
-      eval_data = _data.eval_batches(data, eval_source)
-    report = ktrain.evaluate(eval_step, current.student_variables(),
-                             teacher_vars, eval_data)
-    report.pop("count")
-    return {"accuracy": report.pop("student_accuracy"), **report}
-
-  logger = _logging.MetricsLogger(run_dir, start)
-  progress = _logging.Progress(total, start, f"{command} {spec.name}",
-                               tc["progress"] and start < total)
-  status = 0
-  done = start
-  t_start = t_last = time.perf_counter()
-  last_train: dict = {}
-  report: dict = {}
-
-  def flush(step: int) -> None:
-    """Fetches the window's summed metrics; logs their mean."""
-    nonlocal t_last, last_train
-    means = window.means()
-    now = time.perf_counter()
-    rate = window.local_steps * batch_size / max(now - t_last, 1e-9)
-    last_train = logger.log(step, "train", {
-        **means, "samples_per_s": rate, "lr": float(schedule(step - 1))})
-    progress.update(window.local_steps, means["loss"], rate)
-    window.reset()
-    t_last = now
-
-  def save(step: int, force: bool = False) -> None:
-    """Saves a checkpoint if due (or ``force``), with the metrics window
-    (fetched only then)."""
-    ckpt.save(state, step=step, data_iterator=batches, force=force,
-              extra=lambda: {WINDOW_KEY: window.to_json()})
-
-  try:
-    with StopRequest() as stop:
-      for step in range(start, total):
-        batch = next(batches)
-        state, metrics = train_step(state, teacher_vars, batch)
-        window.add(metrics)
-        done = step + 1
-        # Windows end on multiples of log_every (whatever the start step), so
-        # a resumed run logs the same records as an uninterrupted one.
-        if done % tc["log_every"] == 0 or done == total:
-          flush(done)
-        if tc["eval_every"] and done % tc["eval_every"] == 0 and done < total:
-          report = evaluate(state)
-          logger.log(done, "eval", report)
-          progress.write(f"{tag} step {done}: " + _fmt(report))
-          t_last = time.perf_counter()
-        save(done)
-        if stop.signum is not None:
-          # The window's sums go into the checkpoint, not into a record: the
-          # resumed run completes the window.
-          save(done, force=True)
-          status = EXIT_INTERRUPTED.get(stop.signum, 130)
-          break
-    progress.close()
-    wall = time.perf_counter() - t_start
-    if not status:
-      report = evaluate(state)
-      if start < total:
-        logger.log(total, "eval", report)
-        save(total, force=True)
-  finally:
-    progress.close()
-    try:
-      ckpt.close()
-    finally:
-      logger.close()
-  if status:
-    out(f"{tag} interrupted at step {done}/{total}; checkpoint saved in "
-        f"{ckpt.directory}. Run the same command again to continue.")
-    return status
-
-  summary_path = os.path.join(run_dir, SUMMARY_FILE)
-  if start < total:
-    trained = total - start
-    out(f"{tag} trained steps {start}..{total} in {wall:.1f} s "
-        f"({trained * batch_size / max(wall, 1e-9):,.0f} samples/s); final "
-        f"train loss {last_train.get('loss', float('nan')):.4f}")
-    summary = {"command": command, "model": model_key, "method": spec.name,
-               "step": total, "resumed_from": start, "wall_s": wall,
-               "train": {k: v for k, v in last_train.items() if k != "split"},
-               "eval": report}
-  else:
-    out(f"{tag} {run_dir} is already trained to step {start} (of {total}).")
-    summary = {}
-    if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        summary = json.load(f)
-    summary["eval"] = report
-  with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=1)
-  out(f"{tag} eval on {len(eval_source)} {data['eval_split']} examples: "
-      + _fmt(report))
-  out(f"{tag} run dir: {run_dir}")
-  return 0
-
-
-def _fmt(report: Mapping[str, float]) -> str:
-  return "  ".join(f"{k} {v:.4f}" for k, v in report.items())
+      + f"; {data.total} steps of {data.batch_size} ({epochs_done:.2f} "
+      f"epochs of {len(data.source)} examples); run dir {run_dir}")
+  job = _trainer.Job(
+      command=command, run_dir=run_dir, model=model_key, method=spec.name,
+      state=objective.state, train_step=objective.train_step,
+      teacher_variables=(teacher.variables if teacher.kind == "online"
+                         else None),
+      batches=data.batches, total=data.total, batch_size=data.batch_size,
+      schedule=objective.schedule, evaluate=evaluate,
+      train_config=config["train"], describe=describe,
+      eval_description=(f"{len(evaluate.source)} "
+                        f"{config['data']['eval_split']} examples"))
+  return _trainer.run(job, ckpt, out)
 
 
 def _with_augmentation(step, data: Mapping[str, Any], key):

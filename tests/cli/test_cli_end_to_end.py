@@ -262,10 +262,12 @@ def test_missing_teacher_and_unproducible_feature(flow, tmp_path):
   assert rc == 2 and "kdjax cache-teacher" in err
   rc, _, err = run_main(["eval", tmp_path])
   assert rc == 2 and "not a kdjax run directory" in err
-  # A value a loss rejects when the step is built: one line, exit 1.
+  # A hyper-parameter the loss rejects is found before the run (the loss is
+  # traced on an example batch): a config error, exit 2.
   rc, _, err = run_main(["distill", *c, "--set", "distill.method=jsd",
                          "distill.hparams.beta=2", "distill.run_name=bad_jsd"])
-  assert rc == 1 and "ValueError: beta (generalised JSD) must lie in [0, 1]" in err
+  assert rc == 2 and "config error: config key 'distill.hparams'" in err
+  assert "beta (generalised JSD) must lie in [0, 1]" in err
   assert "Traceback" not in err
 
 
