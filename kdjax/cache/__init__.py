@@ -10,8 +10,9 @@ trains the student from the cache with no teacher in memory.
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
-    "._cache": ("CacheMismatchError", "CachedTeacherOutput", "TeacherCache",
-        "build_teacher_cache", "cached_teacher_apply", "open_teacher_cache"),
+    "._build": ("build_teacher_cache",),
+    "._cache": ("CacheMismatchError", "TeacherCache", "open_teacher_cache"),
     "._fingerprint": ("fingerprint_dataset", "fingerprint_tree"),
+    "._teacher_output": ("CachedTeacherOutput", "cached_teacher_apply"),
     "._train": ("make_cached_train_step", "top_k_term"),
 })
