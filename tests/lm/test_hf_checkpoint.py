@@ -22,15 +22,15 @@ pytest.importorskip("tunix")
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top,wrong-import-position
-from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
+import tokenizers
 
-from kdjax import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kdjax import lm
+from kdjax.lm import _hf
 
 TEXT = """Knowledge distillation trains a small student to match a large
 teacher. The student sees the teacher's probabilities over the vocabulary at
@@ -346,7 +346,7 @@ def test_logits_match_numpy_reference(family, checkpoints, batch,
 def test_rope_differs_from_tunix_default(batch, loaded):
   """The test above can fail: Tunix's own Llama3 attention (RoPE theta 1e6
   whatever the config says, no Llama 3 scaling) gives other logits."""
-  from tunix.models.llama3 import model as llama  # pylint: disable=g-import-not-at-top
+  from tunix.models.llama3 import model as llama
   ckpt = loaded("llama3")
   assert type(ckpt.model.layers[0].attn) is not llama.Attention
   plain = nnx.eval_shape(lambda: llama.Llama3(ckpt.config, rngs=nnx.Rngs(0)))
@@ -385,6 +385,71 @@ def test_bfloat16_load(checkpoints):
   np.testing.assert_array_equal(
       got, tensors["model.layers.1.mlp.down_proj.weight"].T.astype(
           jnp.bfloat16))
+
+
+def test_storage_variants(tmp_path):
+  """bfloat16 files, mixed dtypes in one file, and a sharded checkpoint."""
+  import ml_dtypes
+  cfg = CONFIGS["llama3"]
+  tensors = random_tensors("llama3", cfg)
+  bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+  mixed = {k: (v if "norm" in k else bf16[k]) for k, v in tensors.items()}
+  shards = tmp_path / "sharded"
+  write_checkpoint(shards, "llama3", tensors=tensors)
+  os.remove(shards / "model.safetensors")
+  names = sorted(tensors)
+  weight_map = {}
+  for i, part in enumerate((names[::2], names[1::2])):
+    file = f"model-{i + 1:05d}-of-00002.safetensors"
+    save_file({k: tensors[k] for k in part}, str(shards / file),
+              metadata={"format": "pt"})
+    weight_map.update({k: file for k in part})
+  with open(shards / "model.safetensors.index.json", "w",
+            encoding="utf-8") as f:
+    json.dump({"weight_map": weight_map}, f)
+  for name, variant, path in (
+      ("bf16", bf16, write_checkpoint(tmp_path / "bf16", "llama3",
+                                      tensors=bf16)),
+      ("mixed", mixed, write_checkpoint(tmp_path / "mixed", "llama3",
+                                        tensors=mixed)),
+      ("sharded", tensors, str(shards))):
+    model = lm.load_hf_checkpoint(path).model
+    layer = model.layers[3]
+    for got, hf in ((layer.mlp.down_proj.kernel[...],
+                     "model.layers.3.mlp.down_proj.weight"),
+                    (layer.input_layernorm.w[...],
+                     "model.layers.3.input_layernorm.weight"),
+                    (model.lm_head.w[...], "lm_head.weight")):
+      got, want = np.asarray(got), variant[hf]
+      assert got.dtype == want.dtype, (name, hf)
+      np.testing.assert_array_equal(got, want.T if got.ndim == 2 else want,
+                                    err_msg=f"{name} {hf}")
+
+
+def test_multimodal_gemma3_text_part(tmp_path):
+  text = dict(CONFIGS["gemma3"])
+  cfg = {"model_type": "gemma3",
+         "architectures": ["Gemma3ForConditionalGeneration"],
+         "text_config": text, "vision_config": {"model_type": "siglip"}}
+  tensors = {"language_model." + k: v
+             for k, v in random_tensors("gemma3", text).items()}
+  tensors["vision_tower.vision_model.post_layernorm.weight"] = np.ones(
+      8, np.float32)
+  ckpt = lm.load_hf_checkpoint(write_checkpoint(tmp_path, "gemma3", cfg,
+                                                tensors))
+  assert ckpt.family == "gemma3" and ckpt.config.num_layers == 6
+  np.testing.assert_array_equal(
+      np.asarray(ckpt.model.embedder.input_embedding[...]),
+      tensors["language_model.model.embed_tokens.weight"])
+  saved = lm.save_hf_checkpoint(tmp_path / "out", "gemma3", ckpt.model,
+                                hf_config=ckpt.hf_config)
+  with open(os.path.join(saved, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["model_type"] == "gemma3_text"
+  tensors["model.language_model.layers.0.mlp.up_proj.weight"] = np.ones(
+      (64, 32), np.float32)
+  with pytest.raises(ValueError, match=r"model\.language_model\.\*"):
+    lm.load_hf_checkpoint(write_checkpoint(tmp_path / "new", "gemma3", cfg,
+                                           tensors))
 
 
 # ------------------------------ export ------------------------------------
