@@ -37,11 +37,10 @@ Each method's ``recipe`` says how to train it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import chex
-import flax.linen as nn
-import optax
 
 from kdjax import losses
 from kdjax.losses import _utils
@@ -156,6 +155,7 @@ def _build_dkd(h, ctx):
   weight = h["dkd_weight"]
   if h["warmup_steps"]:
     # mdistiller: loss_dkd * min(epoch / warmup, 1).
+    import optax  # pylint: disable=g-import-not-at-top
     weight = optax.linear_schedule(0.0, h["dkd_weight"], h["warmup_steps"])
   return _ce(h) + [Term("dkd", losses.dkd_term(alpha=h["alpha"],
                                                beta=h["beta"]), weight)]
@@ -204,14 +204,22 @@ def _build_rkd(h, ctx):
                       **kw)]
 
 
-class _LinearEmbed(nn.Module):
-  """RepDistiller's ``LinearEmbed``: flatten and a linear map to ``features``."""
-  features: int = 128
+@functools.cache
+def _linear_embed_class() -> type:
+  """RepDistiller's ``LinearEmbed`` (a linen module, defined on first use:
+  reading the registry, e.g. to validate a config, imports no Flax)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
-  @nn.compact
-  def __call__(self, x):
-    x = _utils.to_float32(x).reshape(x.shape[0], -1)
-    return nn.Dense(self.features, name="linear")(x)
+  class LinearEmbed(nn.Module):
+    """Flatten and a linear map to ``features``."""
+    features: int = 128
+
+    @nn.compact
+    def __call__(self, x):
+      x = _utils.to_float32(x).reshape(x.shape[0], -1)
+      return nn.Dense(self.features, name="linear")(x)
+
+  return LinearEmbed
 
 
 def _build_cc(h, ctx):
@@ -221,7 +229,7 @@ def _build_cc(h, ctx):
   from kdjax.losses._relational import correlation_congruence_loss  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   s_name, t_name, dim = h["student_feature"], h["teacher_feature"], h["feat_dim"]
-  embed = _LinearEmbed(dim)
+  embed = _linear_embed_class()(dim)
 
   def init_params(rng, student_out, teacher_out, batch):
     del batch

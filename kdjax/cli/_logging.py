@@ -46,6 +46,30 @@ def read_metrics(run_dir: str) -> list[dict]:
   return records
 
 
+def _import_summary_writer() -> type:
+  """``tensorboardX.SummaryWriter``, imported without boto3.
+
+  tensorboardX imports boto3 when it is installed (~0.4 s of start-up) only to
+  offer ``s3://`` log directories; kdjax writes its event files into the local
+  run directory. So, unless boto3 or tensorboardX is already imported,
+  tensorboardX is imported with ``sys.modules["boto3"] = None`` (Python's
+  marker for "this import fails"), which tensorboardX reads as "no S3
+  support"; the marker is removed right after, so boto3 stays importable.
+
+  Raises:
+    ImportError: tensorboardX is not installed.
+  """
+  masked = "boto3" not in sys.modules and "tensorboardX" not in sys.modules
+  if masked:
+    sys.modules["boto3"] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if masked and "boto3" in sys.modules and sys.modules["boto3"] is None:
+      del sys.modules["boto3"]
+  return SummaryWriter
+
+
 class MetricsLogger:
   """Appends records to ``metrics.jsonl`` and TensorBoard event files.
 
@@ -70,7 +94,7 @@ class MetricsLogger:
     self._writer = None
     if tensorboard:
       try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        SummaryWriter = _import_summary_writer()  # pylint: disable=invalid-name
       except ImportError:
         print("note: tensorboardX is not installed; writing metrics.jsonl "
               "only (pip install tensorboardX for TensorBoard event files).",

@@ -49,7 +49,6 @@ def import_arch(arch: str, key: str = "arch") -> tuple[type, str]:
       not a Flax linen or NNX module.
   """
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from kdjax.cli.config import ConfigError  # pylint: disable=g-import-not-at-top
   module_name, _, class_name = arch.partition(":")
   if not module_name or not class_name or ":" in class_name:
@@ -71,12 +70,15 @@ def import_arch(arch: str, key: str = "arch") -> tuple[type, str]:
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f"config key {key!r}: importing {module_name!r} raised "
                       f"{type(e).__name__}: {e}") from e
+  # A class can only derive from nnx.Module once flax.nnx is imported (by the
+  # user's module): a linen run never pays for importing it.
+  nnx = sys.modules.get("flax.nnx")
+  module_types = (nn.Module,) + ((nnx.Module,) if nnx is not None else ())
   cls = module
   for part in class_name.split("."):
     if not hasattr(cls, part):
       names = sorted(n for n, v in vars(module).items()
-                     if isinstance(v, type) and issubclass(v, (nn.Module,
-                                                               nnx.Module)))
+                     if isinstance(v, type) and issubclass(v, module_types))
       raise ConfigError(
           f"config key {key!r}: module {module_name!r} "
           f"({getattr(module, '__file__', '?')}) has no class {class_name!r}"
@@ -84,7 +86,7 @@ def import_arch(arch: str, key: str = "arch") -> tuple[type, str]:
     cls = getattr(cls, part)
   if isinstance(cls, type) and issubclass(cls, nn.Module):
     return cls, "linen"
-  if isinstance(cls, type) and issubclass(cls, nnx.Module):
+  if nnx is not None and isinstance(cls, type) and issubclass(cls, nnx.Module):
     return cls, "nnx"
   what = cls.__name__ if isinstance(cls, type) else type(cls).__name__
   raise ConfigError(f"config key {key!r}: {arch!r} is a {what}, not a Flax "
