@@ -104,12 +104,14 @@ def _require(cfg: Mapping[str, Any], key: str):
   return cfg[key]
 
 
-def _rope_of(cfg: Mapping[str, Any], layer_type: Optional[str] = None
+def _rope_of(cfg: Mapping[str, Any], layer_type: Optional[str] = None, *,
+             default_theta: float = 10_000.0
              ) -> tuple[float, Optional[dict]]:
   """``(rope_theta, scaling or None)`` in either ``config.json`` style.
 
   transformers 4 writes ``rope_theta`` and ``rope_scaling``; transformers 5
-  writes ``rope_parameters`` (for Gemma 3 one dict per layer type).
+  writes ``rope_parameters`` (for Gemma 3 one dict per layer type). A file
+  with neither gets transformers' config-class default (``default_theta``).
   """
   params = cfg.get("rope_parameters")
   if isinstance(params, Mapping) and layer_type in params:
@@ -121,7 +123,7 @@ def _rope_of(cfg: Mapping[str, Any], layer_type: Optional[str] = None
     if layer_type == "sliding_attention":
       theta = float(cfg.get("rope_local_base_freq", 10_000.0))
       return theta, None
-    theta = float(_require(cfg, "rope_theta"))
+    theta = float(cfg.get("rope_theta", default_theta))
     scaling = cfg.get("rope_scaling")
   if scaling:
     scaling = dict(scaling)
@@ -244,7 +246,9 @@ def tunix_config(family: str, hf_config: Mapping[str, Any], dtype
   d = int(_require(cfg, "hidden_size"))
   heads = int(_require(cfg, "num_attention_heads"))
   kv_heads = int(cfg.get("num_key_value_heads") or heads)
-  head_dim = int(cfg.get("head_dim") or d // heads)
+  # transformers' config-class defaults: Qwen3 128, Gemma 3 256, Llama d / n.
+  head_dim = int(cfg.get("head_dim") or {"qwen3": 128, "gemma3": 256}.get(
+      family, d // heads))
   common = dict(
       num_layers=int(_require(cfg, "num_hidden_layers")),
       embed_dim=d, hidden_dim=int(_require(cfg, "intermediate_size")),
@@ -263,7 +267,8 @@ def tunix_config(family: str, hf_config: Mapping[str, Any], dtype
     _check_false(cfg, "mlp_bias", "Tunix's MLP has no biases")
     theta, scaling = _rope_of(cfg)
     rope = make_rope(head_dim, theta, scaling)
-    tied = bool(cfg.get("tie_word_embeddings", family == "qwen3"))
+    # transformers' LlamaConfig / Qwen3Config default: untied.
+    tied = bool(cfg.get("tie_word_embeddings", False))
     kw = dict(common, vocab_size=int(_require(cfg, "vocab_size")),
               rope_theta=theta, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)))
     if family == "qwen3":
@@ -311,7 +316,8 @@ def tunix_config(family: str, hf_config: Mapping[str, Any], dtype
         f"Gemma 3 pattern (one full_attention layer in {GEMMA3_PATTERN}): "
         f"{expected}")
   local_theta, local_scaling = _rope_of(cfg, "sliding_attention")
-  global_theta, global_scaling = _rope_of(cfg, "full_attention")
+  global_theta, global_scaling = _rope_of(cfg, "full_attention",
+                                         default_theta=1_000_000.0)
   if local_scaling is not None:
     raise HFCheckpointError(
         f"RoPE scaling {local_scaling} on sliding-window layers is not "
@@ -323,7 +329,7 @@ def tunix_config(family: str, hf_config: Mapping[str, Any], dtype
           f"rope_type {global_scaling['rope_type']!r} is not supported by "
           "Tunix's Gemma 3 (linear only)")
     factor = float(global_scaling["factor"])
-  scalar = cfg.get("query_pre_attn_scalar", head_dim)
+  scalar = cfg.get("query_pre_attn_scalar", 256)  # Gemma3TextConfig's default
   norm = model_lib.QueryPreAttentionNormalisation
   if scalar == head_dim:
     qnorm = norm.BY_ONE_OVER_SQRT_HEAD_DIM
@@ -334,7 +340,7 @@ def tunix_config(family: str, hf_config: Mapping[str, Any], dtype
         f"config.json sets query_pre_attn_scalar={scalar}; Tunix's Gemma 3 "
         f"scales queries by head_dim={head_dim} or hidden_size / "
         f"num_attention_heads={d // heads} only")
-  window = cfg.get("sliding_window")
+  window = cfg.get("sliding_window", 4096)  # Gemma3TextConfig's default
   return model_lib.ModelConfig(
       num_embed=int(_require(cfg, "vocab_size")),
       sliding_window_size=int(window) if window is not None else None,
