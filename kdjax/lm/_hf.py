@@ -149,6 +149,7 @@ def load_hf_tokenizer(path: str) -> Tokenizer:
         f"{TOKENIZER_FILE} is missing from {path!r}{hint}")
   return tokenizers.Tokenizer.from_file(file)
 
+
 # --------------------------------------------------------------------------
 # Tokenizers
 # --------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def _tokenizer_parts(tokenizer: Tokenizer) -> dict:
 
 def check_same_tokenizer(teacher_tokenizer: Tokenizer,
                          student_tokenizer: Tokenizer) -> None:
-  """Raise unless teacher and student tokenize every text to the same ids.
+  """Raise unless teacher and student split every text into the same ids.
 
   Compares the vocabularies (token -> id, added tokens included) and the
   tokenization pipeline (normalizer, pre-tokenizer, model: BPE merges,
