@@ -10,6 +10,12 @@
   kdjax report RUN_DIR [RUN_DIR ...] --out DIR [--labels A B ...]
   kdjax config [--config C.yaml] [--set ...] [--schema]
 
+  kdjax lm train-teacher --config L.yaml [--set ...]   # -> <output_dir>/teacher
+  kdjax lm distill       --config L.yaml [--set ...]   # -> <output_dir>/student_<objective>
+  kdjax lm eval RUN_DIR [--teacher TEACHER_RUN]        # held-out perplexity -> eval.json
+  kdjax lm generate RUN_DIR [--prompt TEXT ...]        # sampled continuations
+  kdjax lm config [--config L.yaml] [--set ...] [--schema]
+
 Training commands resume from their run directory's newest checkpoint: after
 an interrupt, run the same command again.
 
@@ -136,7 +142,58 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--schema", action="store_true",
                  help="every key with its default and meaning")
   p.set_defaults(func=cmd_config)
+
+  _add_lm_parser(sub)
   return parser
+
+
+def _add_lm_parser(sub) -> None:
+  """``kdjax lm ...``: the language-model commands (their own config,
+  ``kdjax lm config --schema``)."""
+  lm = sub.add_parser(
+      "lm", help="language models: train a teacher, distill a student "
+      "(token KD, lean KD, GKD, sequence KD), evaluate, sample",
+      description="Language-model distillation from a YAML config (`kdjax lm "
+      "config --schema`): a corpus of local text files (default: the Python "
+      "standard library's sources), a tokenizer trained locally or read from "
+      "a tokenizer.json, kdjax's DecoderLM or Tunix's Qwen3 / Llama 3 / "
+      "Gemma 3. Training commands resume from their run directory's newest "
+      "checkpoint.")
+  lsub = lm.add_subparsers(dest="lm_command", metavar="LM_COMMAND")
+  lsub.required = True
+  p = lsub.add_parser("train-teacher", help="train the teacher on the corpus "
+                      "(run dir: teacher.run_dir or <output_dir>/teacher)")
+  _add_config_args(p)
+  p.set_defaults(func=cmd_lm_train_teacher)
+  p = lsub.add_parser("distill", help="train the student with "
+                      "distill.objective from the teacher run (run dir: "
+                      "<output_dir>/student_<objective>)")
+  _add_config_args(p)
+  p.set_defaults(func=cmd_lm_distill)
+  p = lsub.add_parser("eval", help="held-out perplexity of a run (and its "
+                      "teacher's, and their divergence); writes eval.json")
+  p.add_argument("run_dir", metavar="RUN_DIR")
+  p.add_argument("--teacher", metavar="TEACHER_RUN", default=None,
+                 help="teacher run to compare with (default: the run's "
+                      "teacher)")
+  p.add_argument("--no-teacher", action="store_true",
+                 help="evaluate the run's model alone")
+  _add_set(p)
+  p.set_defaults(func=cmd_lm_eval)
+  p = lsub.add_parser("generate", help="print sampled continuations of "
+                      "prompts (default: held-out prompts); writes "
+                      "samples.json")
+  p.add_argument("run_dir", metavar="RUN_DIR")
+  p.add_argument("--prompt", "-p", action="append", default=[],
+                 metavar="TEXT", help="a prompt (repeat for several)")
+  _add_set(p)
+  p.set_defaults(func=cmd_lm_generate)
+  p = lsub.add_parser("config", help="print the resolved LM config (or its "
+                      "schema with --schema)")
+  _add_config_args(p, required=False)
+  p.add_argument("--schema", action="store_true",
+                 help="every key with its default and meaning")
+  p.set_defaults(func=cmd_lm_config)
 
 
 # -----------------------------------------------------------------------------
@@ -313,6 +370,46 @@ def cmd_export(args) -> int:
   return 0
 
 
+def cmd_lm_config(args) -> int:
+  from kdjax.cli import _lm_config  # pylint: disable=g-import-not-at-top
+  if args.schema:
+    print(_lm_config.describe_schema())
+    return 0
+  print(cfg.dump(_lm_config.load_config(args.config, args.set)), end="")
+  return 0
+
+
+def cmd_lm_train_teacher(args) -> int:
+  from kdjax.cli import _lm_config  # pylint: disable=g-import-not-at-top
+  config = _lm_config.load_config(args.config, args.set)
+  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  return _lm_train.train_teacher(config)
+
+
+def cmd_lm_distill(args) -> int:
+  from kdjax.cli import _lm_config  # pylint: disable=g-import-not-at-top
+  config = _lm_config.load_config(args.config, args.set)
+  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  return _lm_train.distill(config)
+
+
+def cmd_lm_eval(args) -> int:
+  _check_run_dir(args.run_dir)
+  if args.teacher is not None and not args.no_teacher:
+    _check_run_dir(args.teacher)
+  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  _lm_train.evaluate_run(args.run_dir, args.teacher,
+                         use_teacher=not args.no_teacher, overrides=args.set)
+  return 0
+
+
+def cmd_lm_generate(args) -> int:
+  _check_run_dir(args.run_dir)
+  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  _lm_train.generate_run(args.run_dir, args.prompt, overrides=args.set)
+  return 0
+
+
 def cmd_report(args) -> int:
   if args.labels and len(args.labels) != len(args.run_dirs):
     raise errors.UsageError(f"--labels gives {len(args.labels)} names for "
@@ -432,16 +529,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
   except SystemExit as e:  # --help, or a usage error (already printed)
     return exit_status(e)
+  command = args.command
+  if command == "lm":
+    command = f"lm {args.lm_command}"
   try:
     return int(args.func(args) or 0)
   except KeyboardInterrupt:
-    print(f"kdjax {args.command}: aborted.", file=sys.stderr)
+    print(f"kdjax {command}: aborted.", file=sys.stderr)
     return errors.EXIT_SIGINT
   except BrokenPipeError:  # `kdjax eval RUN | head`
     sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with
     return 141
   except Exception as e:  # pylint: disable=broad-except
-    status = report_error(args.command, e)
+    status = report_error(command, e)
     if status is None:
       raise
     return status
