@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kdjax.cli import _data
@@ -149,3 +150,24 @@ def test_split_name_of_each_source():
   assert _data.split_name({**data, "source": "idx"}, "eval") == "test"
   assert _data.split_name({**data, "source": "tfds",
                            "eval_split": "validation"}, "eval") == "validation"
+
+
+@pytest.mark.slow
+def test_eval_of_arrays_names_the_file(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 32), ("held_out", 12)):
+    np.savez(tmp_path / f"{split}.npz",
+             image=rng.integers(0, 256, (n, 6, 6), dtype=np.uint8),
+             label=rng.integers(0, 3, n))
+  sets = [f"output_dir={tmp_path / 'runs'}", "data.source=arrays",
+          f"data.train_path={tmp_path / 'train.npz'}",
+          f"data.eval_path={tmp_path / 'held_out.npz'}", "data.batch_size=16",
+          "data.eval_batch_size=16", "teacher.arch=mlp", "teacher.hidden=[4]",
+          "teacher.steps=1", "teacher.epochs=null", "train.progress=false",
+          "eval.latency_runs=1", "eval.latency_batch_sizes=[1]"]
+  assert kmain.main(["train-teacher", "--config", TINY, "--set", *sets]) == 0
+  capsys.readouterr()
+  run = str(tmp_path / "runs" / "teacher")
+  assert kmain.main(["eval", run]) == 0
+  out = capsys.readouterr().out
+  assert "on 12 held_out.npz examples" in out, out
