@@ -459,6 +459,31 @@ def write_json(path: str, payload: dict) -> None:
   print(f"results: {path}", flush=True)
 
 
+def read_partial(path: str, signature: dict) -> dict:
+  """``{(name, seed): record}`` from ``path`` (JSON lines of
+  ``append_partial``) for the lines written with the same ``signature``."""
+  found = {}
+  if os.path.exists(path):
+    key = json.dumps(signature, sort_keys=True, default=_json_default)
+    with open(path) as f:
+      for line in f:
+        line = line.strip()
+        if not line:
+          continue
+        entry = json.loads(line)
+        if json.dumps(entry["signature"], sort_keys=True) == key:
+          found[(entry["name"], entry["record"]["seed"])] = entry["record"]
+  return found
+
+
+def append_partial(path: str, signature: dict, name: str, record: dict) -> None:
+  """Appends one finished run (one JSON line) to ``path``."""
+  line = json.dumps({"signature": signature, "name": name, "record": record},
+                    default=_json_default, sort_keys=True)
+  with open(path, "a") as f:
+    f.write(line + "\n")
+
+
 def _json_default(x):
   if isinstance(x, (np.integer,)):
     return int(x)

@@ -107,6 +107,14 @@ def run(args, argv) -> dict:
   steps_per_epoch = len(y) // args.batch_size
 
   runs, info = {}, {}
+  # Finished (method, seed) runs are appended to a JSONL file beside the
+  # results and reused by a rerun with the same settings: a long run that is
+  # stopped resumes where it was (delete the file to start again).
+  signature = {k: getattr(args, k) for k in (
+      "epochs", "train_size", "batch_size", "lr", "teacher", "student_channels",
+      "student_dense", "crd_nce_k", "max_test", "smoke")}
+  partial_path = json_path + ".partial.jsonl"
+  partial = common.read_partial(partial_path, signature)
   for name in names:
     base, fixed = VARIANTS.get(name, (name, {}))
     spec = methods.get_method(base, **fixed,
@@ -135,13 +143,27 @@ def run(args, argv) -> dict:
                   "hparams": dict(spec.hparams), "changed": changed,
                   "paper": spec.paper}
     for seed in args.seeds:
+      done = partial.get((name, seed))
+      if done is not None:
+        runs.setdefault(name, []).append(done)
+        print(f"{name:>16} seed {seed}: accuracy {100 * done['accuracy']:.2f} "
+              f"(from {partial_path})", flush=True)
+        continue
       with timer("students"):
         variables, seconds = runner.run(seed)
       ev = common.evaluate_student(student_apply, variables, data, teacher)
-      runs.setdefault(name, []).append({"seed": seed, "time_s": seconds, **ev})
+      steps = runner.steps
+      # ms/step of the epochs after the first (the first one compiles).
+      later = runner.epoch_times[1:] or runner.epoch_times
+      ms_per_step = 1e3 * sum(later) / (len(later) * (steps // args.epochs))
+      record = {"seed": seed, "time_s": seconds, "steps": steps,
+                "ms_per_step": ms_per_step, "load_average": os.getloadavg()[0],
+                **ev}
+      runs.setdefault(name, []).append(record)
+      common.append_partial(partial_path, signature, name, record)
       print(f"{name:>16} seed {seed}: accuracy {100 * ev['accuracy']:.2f}  "
             f"agreement {100 * ev['agreement']:.2f}  ({seconds:.1f} s, "
-            f"teacher {source})", flush=True)
+            f"{ms_per_step:.1f} ms/step, teacher {source})", flush=True)
 
   n_s = common.param_count(student.init(jax.random.PRNGKey(0), x[:2]))
   base = [r["accuracy"] for r in runs["ce"]] if "ce" in runs else None
@@ -155,15 +177,17 @@ def run(args, argv) -> dict:
                  common.fmt(acc), "-" if gain is None else common.fmt(gain, signed=True),
                  "-" if better is None else ("yes" if better else "no"),
                  common.fmt([r["agreement"] for r in runs[name]]),
-                 f"{np.mean([r['time_s'] for r in runs[name]]):.0f}"])
+                 f"{np.mean([r['ms_per_step'] for r in runs[name]]):.1f}"])
     summary[name] = {**info[name], "accuracy": common.stats(acc),
                      "gain_vs_ce": None if gain is None else common.stats(gain),
                      "beyond_spread": better,
                      "agreement": common.stats([r["agreement"] for r in runs[name]]),
-                     "time_s": [r["time_s"] for r in runs[name]]}
+                     "time_s": [r["time_s"] for r in runs[name]],
+                     "ms_per_step": common.stats(
+                         [r["ms_per_step"] for r in runs[name]])}
   table = common.markdown_table(
       ["method", "teacher outputs", "changed defaults", "test accuracy",
-       "gain vs ce", "gain > spread", "agreement", "s / run"], rows)
+       "gain vs ce", "gain > spread", "agreement", "ms / step"], rows)
   print()
   print(f"Fashion-MNIST test accuracy (%), mean ± std over seeds {args.seeds}. "
         f"Teacher {teacher['name']} ({teacher['params']:,} params): "
