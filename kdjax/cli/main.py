@@ -291,9 +291,9 @@ def cmd_cache_teacher(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  _check_run_dir(args.run_dir)
+  _check_run_dir(args.run_dir, lm=False)
   if args.teacher is not None and not args.no_teacher:
-    _check_run_dir(args.teacher)
+    _check_run_dir(args.teacher, lm=False)
   from kdjax.cli import _eval  # pylint: disable=g-import-not-at-top
   from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
   run = _models.read_run(args.run_dir)
@@ -314,7 +314,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-  _check_run_dir(args.run_dir)
+  _check_run_dir(args.run_dir, lm=False)
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
   import jax  # pylint: disable=g-import-not-at-top
@@ -394,9 +394,9 @@ def cmd_lm_distill(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-  _check_run_dir(args.run_dir)
+  _check_run_dir(args.run_dir, lm=True)
   if args.teacher is not None and not args.no_teacher:
-    _check_run_dir(args.teacher)
+    _check_run_dir(args.teacher, lm=True)
   from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
   _lm_train.evaluate_run(args.run_dir, args.teacher,
                          use_teacher=not args.no_teacher, overrides=args.set)
@@ -404,7 +404,7 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_lm_generate(args) -> int:
-  _check_run_dir(args.run_dir)
+  _check_run_dir(args.run_dir, lm=True)
   from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
   _lm_train.generate_run(args.run_dir, args.prompt, overrides=args.set)
   return 0
@@ -439,13 +439,27 @@ _ONE_LINE_TYPES = (ValueError, TypeError, KeyError, FloatingPointError,
                    errors.RunError)
 
 
-def _check_run_dir(path: str) -> None:
+def _check_run_dir(path: str, lm: Optional[bool] = None) -> None:
   """A MissingRunError unless ``path`` is a kdjax run directory (checked
-  before the command imports JAX)."""
-  if not os.path.exists(os.path.join(path, _RUN_META)):
+  before the command imports JAX); with ``lm`` True/False, a UsageError for
+  a run of the other kind (an LM run given to ``kdjax eval``, ...)."""
+  meta = os.path.join(path, _RUN_META)
+  if not os.path.exists(meta):
     raise errors.MissingRunError(
         f"{path} is not a kdjax run directory (no {_RUN_META}); runs are "
-        "written by `kdjax train-teacher` and `kdjax distill`.")
+        "written by `kdjax train-teacher` and `kdjax distill` (`kdjax lm "
+        "train-teacher` and `kdjax lm distill` for language models).")
+  if lm is None:
+    return
+  import json  # pylint: disable=g-import-not-at-top
+  with open(meta) as f:
+    is_lm = json.load(f).get("kind") == "lm"
+  if is_lm and not lm:
+    raise errors.UsageError(f"{path} is a language-model run; use `kdjax lm "
+                            "eval` / `kdjax lm generate` for it.")
+  if lm and not is_lm:
+    raise errors.UsageError(f"{path} is an image run, not a language-model "
+                            "run; use `kdjax eval` for it.")
 
 
 def _loaded_types(*names: str) -> tuple:

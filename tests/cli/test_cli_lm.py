@@ -102,10 +102,15 @@ def test_train_teacher_writes_a_run(flow):
       np.exp(summary["eval"]["loss"]))
 
 
-def test_distill_token_kd_eval_and_generate(flow):
+@pytest.fixture(scope="module")
+def token_kd_run(flow):
   rc, out, err = run_main(lm_args("distill", flow, "distill.divergence=jsd"))
   assert rc == 0, out + err
-  run = flow / "student_token_kd"
+  return flow / "student_token_kd"
+
+
+def test_distill_token_kd_eval_and_generate(flow, token_kd_run):
+  run = token_kd_run
   summary = json.loads((run / "summary.json").read_text())
   assert summary["method"] == "token_kd"
   assert {"perplexity", "teacher_perplexity", "teacher_kl"} <= set(
@@ -124,6 +129,30 @@ def test_distill_token_kd_eval_and_generate(flow):
   # lm_tiny.yaml: generate.num_prompts = 2 held-out prompts.
   assert len(samples) == 2 and out.count("--- prompt") == 2
   assert all(s["prompt"] and "continuation" in s for s in samples), samples
+
+
+def test_lean_kd_is_token_kd_without_logits(flow, token_kd_run):
+  """The memory-lean objective (hidden states + unembedding) trains exactly
+  as token KD does on full logits (same divergence, data, init)."""
+  rc, out, err = run_main(lm_args("distill", flow, "distill.divergence=jsd",
+                                  "distill.objective=lean_kd"))
+  assert rc == 0, out + err
+  want = [r for r in records(token_kd_run) if r["split"] == "train"]
+  got = [r for r in records(flow / "student_lean_kd") if r["split"] == "train"]
+  assert [r["step"] for r in got] == [r["step"] for r in want]
+  for a, b in zip(got, want):
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_sequence_kd_trains_on_the_teachers_continuations(flow):
+  rc, out, err = run_main(lm_args("distill", flow, "distill.objective=seq_kd",
+                                  "train.steps=2", "train.log_every=1"))
+  assert rc == 0, out + err
+  recs = [r for r in records(flow / "student_seq_kd") if r["split"] == "train"]
+  # The loss covers the teacher's greedy continuations (up to EOS): at most
+  # the completion positions of the batch (8 x (32 - 8 + 1)).
+  assert len(recs) == 2 and all(0 < r["tokens"] <= 8 * 25 for r in recs)
+  assert all(np.isfinite(r["ce"]) for r in recs)
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +222,11 @@ def test_bad_configs_exit_2(flow, sets, pieces):
     assert piece in lines[0], err
 
 
-def test_eval_of_a_missing_run_exits_2(tmp_path):
+def test_eval_of_a_missing_or_other_run_exits_2(tmp_path, token_kd_run):
   rc, _, err = run_main(["lm", "eval", tmp_path])
   assert rc == errors.EXIT_USAGE and "not a kdjax run directory" in err
+  rc, _, err = run_main(["eval", token_kd_run])
+  assert rc == errors.EXIT_USAGE and "use `kdjax lm eval`" in err
 
 
 def test_hf_teacher_to_hf_student(flow, tmp_path):
