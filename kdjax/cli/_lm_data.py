@@ -103,7 +103,8 @@ def read_corpus(data: Mapping[str, Any]) -> dict:
   for i, path in enumerate(files):
     with open(path, "rb") as f:
       raw = f.read(data["max_file_bytes"] or -1)
-    split = "eval" if i % data["eval_every"] == data["eval_every"] - 1 else "train"
+    held_out = i % data["eval_every"] == data["eval_every"] - 1
+    split = "eval" if held_out else "train"
     texts[split].append(raw.decode("utf-8", errors="replace"))
     names[split].append(path)
   return {**texts, "files": names}
@@ -196,7 +197,8 @@ def hf_tokenizer(json_text: str, path: str, tok_config: Mapping[str, Any],
                  kind: str) -> Tokenizer:
   """A ``tokenizers`` tokenizer from its JSON (``path`` names it in errors)."""
   try:
-    from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from tokenizers import Tokenizer as HFTokenizer
   except ImportError as e:
     raise errors.MissingDependencyError(
         "tokenizer.kind bpe/file needs the `tokenizers` package: pip install "
@@ -229,8 +231,10 @@ def hf_tokenizer(json_text: str, path: str, tok_config: Mapping[str, Any],
 def train_bpe(texts: Sequence[str], vocab_size: int) -> str:
   """The JSON of a byte-level BPE trained on ``texts`` (specials 0, 1, 2)."""
   try:
-    from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=g-import-not-at-top
-    from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    # pylint: enable=g-import-not-at-top
   except ImportError as e:
     raise errors.MissingDependencyError(
         "tokenizer.kind: bpe needs the `tokenizers` package: pip install "

@@ -1,4 +1,4 @@
-"""``kdjax lm``'s models: one interface over kdjax's DecoderLM and Tunix's families.
+"""``kdjax lm``'s models: one interface over kdjax's DecoderLM and Tunix's.
 
 :func:`build_lm` turns a model section (``family``, ``size``, ``kwargs``) into
 an :class:`LMModel`: the apply function with logits (sliced to the
@@ -172,7 +172,8 @@ def _build_tunix(section, rows, vocab_size, seed, side) -> LMModel:
   except ImportError as e:
     raise errors.MissingDependencyError(str(e)) from None
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"config keys '{side}.size'/'{side}.kwargs': {e}") from None
+    raise ConfigError(
+        f"config keys '{side}.size'/'{side}.kwargs': {e}") from None
   return lm_from_tunix(model, family, vocab_size, f"{family} {size}", side)
 
 

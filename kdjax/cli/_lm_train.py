@@ -32,7 +32,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kdjax.cli import _lm_config
 from kdjax.cli import _lm_data
@@ -138,7 +137,8 @@ def load_teacher(config: Mapping[str, Any], tokenizer) -> LMTeacher:
   check_teacher_exists(config)
   path = _lm_config.teacher_run_dir(config)
   run = _lm_models.read_lm_run(path)
-  teacher_tok = _lm_data.tokenizer_of_run(path, run.meta, run.config["tokenizer"])
+  teacher_tok = _lm_data.tokenizer_of_run(path, run.meta,
+                                          run.config["tokenizer"])
   check_same_tokenizer(teacher_tok, tokenizer, path)
   model = run.model(tokenizer.vocab_size)
   return LMTeacher(path=os.path.abspath(path), model=model,
@@ -436,8 +436,8 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
       t_model = t_run.model(tokenizer.vocab_size)
       teacher = LMTeacher(path=os.path.abspath(teacher_dir), model=t_model,
                           variables=t_run.restore(t_model))
+  data = lm_data(run.config, tokenizer, train=False, out=out)
   with errors.during_run():
-    data = lm_data(run.config, tokenizer, train=False, out=out)
     t0 = time.perf_counter()
     report = LMEvaluator(run.config, model, teacher, data)(variables)
     result = {"run": os.path.abspath(run_dir), "step": run.latest_step(),

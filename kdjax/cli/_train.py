@@ -375,7 +375,7 @@ def train(config: dict, *, command: str, run_dir: str, model_key: str,
           spec, teacher: Optional[Teacher], steps: Optional[int],
           epochs: float, lr: Optional[float],
           source=None, out: Callable[[str], None] = print) -> int:
-  """Trains ``config[model_key]`` with ``spec``'s loss; resumes from ``run_dir``.
+  """Trains ``config[model_key]`` with ``spec``'s loss; resumes ``run_dir``.
 
   Returns the exit status (0, or 130/143 after an interrupt).
   """

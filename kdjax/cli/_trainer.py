@@ -56,7 +56,7 @@ EXIT_INTERRUPTED = {signal.SIGINT: errors.EXIT_SIGINT,
 
 def build_optimizer(opt: Mapping[str, Any], total_steps: int,
                     lr: Optional[float] = None):
-  """``(optax transformation, learning-rate schedule)`` of the ``optimizer`` section."""
+  """``(optax transformation, learning-rate schedule)`` of ``optimizer``."""
   lr = opt["lr"] if lr is None else lr
   warmup = min(opt["warmup_steps"], max(total_steps - 1, 0))
   if opt["schedule"] == "cosine":
@@ -93,7 +93,8 @@ def finalize(step: Callable, *, checks: bool) -> Callable:
   """``step`` jitted with the state donated; with ``checks`` (``train.checks``)
   checkified first, so that its ``checkify`` checks raise ``ValueError`` /
   ``FloatingPointError`` (``kdjax.train.make_train_step(checks=True)``)."""
-  from kdjax.train._step import finalize_step  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from kdjax.train._step import finalize_step
   return finalize_step(step, jit=True, donate=True, check=checks)
 
 
@@ -331,7 +332,8 @@ class TrainingLoop:
           done = step + 1
           if done % self.log_every == 0 or done == job.total:
             self.flush(done)
-          if self.eval_every and done % self.eval_every == 0 and done < job.total:
+          if (self.eval_every and done % self.eval_every == 0
+              and done < job.total):
             report = self.evaluate(done)
             self.progress.write(f"{job.tag} step {done}: " + fmt(report))
             self._t_last = time.perf_counter()

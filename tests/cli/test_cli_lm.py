@@ -10,6 +10,7 @@ Every run uses experiments/configs/lm_tiny.yaml (24 standard-library files, a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -65,13 +66,20 @@ def compilation_cache(tmp_path_factory):
   names = ("jax_compilation_cache_dir",
            "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")
+  # JAX decides once per process whether the cache is used: reset that
+  # decision on entry and on exit (a private function; without it the
+  # tests only run slower).
+  reset = getattr(importlib.import_module("jax._src.compilation_cache"),
+                  "reset_cache", lambda: None)
   saved = {n: getattr(jax.config, n) for n in names}
   jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
   jax.config.update(names[1], 0.0)
   jax.config.update(names[2], 0)
+  reset()
   yield
   for name, value in saved.items():
     jax.config.update(name, value)
+  reset()
 
 
 @pytest.fixture(scope="module")
