@@ -452,8 +452,11 @@ def _check_run_dir(path: str, lm: Optional[bool] = None) -> None:
   if lm is None:
     return
   import json  # pylint: disable=g-import-not-at-top
-  with open(meta) as f:
-    is_lm = json.load(f).get("kind") == "lm"
+  try:
+    with open(meta) as f:
+      is_lm = json.load(f).get("kind") == "lm"
+  except (OSError, ValueError, AttributeError):
+    return  # a damaged run.json: its reader names it (exit 1)
   if is_lm and not lm:
     raise errors.UsageError(f"{path} is a language-model run; use `kdjax lm "
                             "eval` / `kdjax lm generate` for it.")
