@@ -234,8 +234,36 @@ def load_hf(path: str):
           f"directory at {path}.")
     _tunix_module()
     from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
+    _check_hf_tokenizer(path)
     _HF_CACHE[path] = _hf.load_hf_checkpoint(path)
   return _HF_CACHE[path]
+
+
+def _check_hf_tokenizer(path: str) -> None:
+  """A ConfigError (exit 2, as for any model) when the checkpoint's
+  tokenizer.json emits ids beyond its config's vocabulary (checked before
+  loading: the loader's own check is an HFCheckpointError, exit 1)."""
+  from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
+  tok_path = os.path.join(path, "tokenizer.json")
+  cfg_path = os.path.join(path, "config.json")
+  if not (os.path.exists(tok_path) and os.path.exists(cfg_path)):
+    return  # the loader names what is missing
+  try:
+    with open(cfg_path) as f:
+      hf_config = json.load(f)
+    text = hf_config.get("text_config") or hf_config
+    vocab = text.get("vocab_size")
+    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = Tokenizer.from_file(tok_path)
+  except Exception:  # pylint: disable=broad-except
+    return  # unreadable: the loader reports it
+  if not isinstance(vocab, int):
+    return
+  try:
+    _hf.check_tokenizer_fits(tokenizer, vocab,
+                             what=f"the checkpoint at {path}")
+  except _hf.HFCheckpointError as e:
+    raise ConfigError(f"config key 'teacher.hf_path': {e}") from None
 
 
 def model_of(config: Mapping[str, Any], side: str, vocab_size: int

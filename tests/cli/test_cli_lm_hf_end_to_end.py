@@ -389,10 +389,6 @@ def test_bad_teacher_directory(teacher, tmp_path, name, edit, sets, status,
     assert piece in line, line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README (kdjax lm) says a tokenizer larger than the model's vocabulary "
-    "exits 2; from a Hugging Face teacher load_hf_checkpoint's "
-    "HFCheckpointError exits 1"))
 def test_tokenizer_larger_than_the_checkpoints_vocabulary_exits_2(teacher,
                                                                  tmp_path):
   broken = _broken(teacher, "vocab_256", _vocab_below_tokenizer)
