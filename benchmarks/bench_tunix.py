@@ -25,10 +25,13 @@ the values agree):
 
 Step time: median over ``--steps`` steps after ``--warmup`` ones, each ended
 with ``block_until_ready``, the three steps interleaved round by round (load
-changes hit all three alike). kdjax's steps run as the compiled executables
-of their jitted functions (``step.lower(...).compile()``, whose
-``memory_analysis`` is reported); Tunix's through the trainer's own
-``nnx.jit`` calls (its per-call graph handling included, as in its loop). Memory: the compiled steps'
+changes hit all three alike). Every step runs as the compiled executable of
+its jitted function (``.lower(...).compile()``, whose ``memory_analysis`` is
+reported; calling the jitted function afterwards would compile again):
+kdjax's steps directly, Tunix's through its trainer (``_prepare_inputs``
+then ``train_step``) with the executables of its two ``nnx.jit`` functions
+put in their place (nnx's per-call graph handling still runs, as in its
+loop). Memory: the compiled steps'
 ``memory_analysis().temp_size_in_bytes``; for Tunix the train step's, plus
 the teacher forward's (a separate program), and the teacher logits ``[B, L,
 V]`` float32 that stay alive between the two as an *argument* of the train
@@ -198,20 +201,26 @@ class TunixStep:
     loss, aux, _ = self.train_step(self.prepare(batch))
     return loss, aux
 
-  def memory(self, batch: dict) -> dict:
-    """Temporary bytes of the compiled train step and teacher forward, and the
-    bytes of the teacher output passed from one to the other."""
-    example = self.prepare(batch)
-    step = self.train_step  # functools.partial(nnx.jit(...), model, optimizer)
-    train_temp = step.func.lower(*step.args, example).compile(
-    ).memory_analysis().temp_size_in_bytes
+  def compile(self, batch: dict) -> dict:
+    """Compiles Tunix's two jitted functions for ``batch``'s shapes and puts the
+    executables where the trainer calls them (so that timing does not compile
+    a second time); returns their memory: the temporary bytes of the train
+    step and of the teacher forward, and the bytes of the teacher output that
+    passes from one to the other (an argument of the train step)."""
+    import functools
     strategy = self.trainer.strategy
     inputs = _tunix_model_input(to_tunix_input(batch))
-    teacher_temp = strategy._teacher_forward_fn.lower(  # pylint: disable=protected-access
-        self.trainer.teacher_model, **inputs).compile(
-        ).memory_analysis().temp_size_in_bytes
+    teacher = strategy._teacher_forward_fn.lower(  # pylint: disable=protected-access
+        self.trainer.teacher_model, **inputs).compile()
+    strategy._teacher_forward_fn = teacher  # pylint: disable=protected-access
+    example = self.prepare(batch)
+    step = self.train_step  # functools.partial(nnx.jit(...), model, optimizer)
+    compiled = step.func.lower(*step.args, example).compile()
+    self.train_step = functools.partial(compiled, *step.args)
     teacher_out = int(np.prod(example.teacher_output.shape)) * \
         example.teacher_output.dtype.itemsize
+    train_temp = compiled.memory_analysis().temp_size_in_bytes
+    teacher_temp = teacher.memory_analysis().temp_size_in_bytes
     return {"train_temp": train_temp, "teacher_temp": teacher_temp,
             "teacher_output": teacher_out,
             "peak": max(teacher_temp, train_temp + teacher_out)}
@@ -277,7 +286,7 @@ def bench_size(size: Size, *, steps: int, warmup: int, lr: float = 0.1
 
     runners[name] = run
   tunix = TunixStep(student, teacher, optax.sgd(lr))
-  tunix_mem = tunix.memory(batches[0])
+  tunix_mem = tunix.compile(batches[0])
   temps["tunix"] = tunix_mem["peak"]
   runners["tunix"] = lambda batch: tunix(batch)[0]
   times = {name: [] for name in runners}
@@ -295,6 +304,88 @@ def bench_size(size: Size, *, steps: int, warmup: int, lr: float = 0.1
                  "ms": 1e3 * statistics.median(times[name]),
                  "temp_bytes": temps[name],
                  "detail": tunix_mem if name == "tunix" else None})
+  return rows
+
+
+class _IdTokenizer:
+  """Token ids as text (``"5 17 3"``) for Tunix's string-in sampler."""
+
+  def __init__(self, bos_id=None, eos_id=1, pad_id=PAD_ID):
+    self._bos, self._eos, self._pad = bos_id, eos_id, pad_id
+
+  def encode(self, text, **unused):
+    del unused
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids, **unused):
+    del unused
+    return " ".join(str(int(i)) for i in ids)
+
+  def bos_id(self):
+    return self._bos
+
+  def eos_id(self):
+    return self._eos
+
+  def pad_id(self):
+    return self._pad
+
+
+def bench_samplers(*, vocab=1024, layers=2, dim=64, batch=8, prompt=16,
+                   new=48, repeats=5) -> list[dict]:
+  """Tokens/s of greedy generation from one Tunix Qwen3: kdjax's KV-cache
+  sampler (``kdjax.lm.tunix_generate``, one jitted program) vs Tunix's
+  ``tunix.generate.sampler.Sampler`` (jitted prefill + decode loop, driven
+  from the host with strings). ``batch x new`` tokens a call; median of
+  ``repeats`` calls after a warm-up call. EOS is never produced (Tunix:
+  ``forbidden_tokens``; kdjax: ``eos_id=None``)."""
+  from tunix.generate import sampler as tunix_sampler
+  size = Size("sampler", vocab=vocab, batch=batch, seq=prompt + new,
+              student_layers=layers, student_dim=dim, teacher_layers=layers,
+              teacher_dim=dim)
+  model = _qwen3(size, layers, dim, seed=0)
+  apply, variables = lm.make_tunix_lm_apply(model)
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, vocab, (batch, prompt)).astype(np.int32)
+  buf = jnp.zeros((batch, prompt + new), jnp.int32).at[:, :prompt].set(prompts)
+  plen = jnp.full((batch,), prompt, jnp.int32)
+  config = lm.SamplingConfig(temperature=0.0, prefill_length=prompt)
+  generate = jax.jit(lambda v, b, k: lm.tunix_generate(apply, v, b, plen, k,
+                                                       config).tokens)
+  tunix = tunix_sampler.Sampler(
+      model, _IdTokenizer(eos_id=1),
+      tunix_sampler.CacheConfig(cache_size=prompt + new,
+                                num_layers=model.config.num_layers,
+                                num_kv_heads=model.config.num_kv_heads,
+                                head_dim=model.config.head_dim))
+  texts = [" ".join(map(str, p)) for p in prompts]
+
+  def run_tunix():
+    return tunix(texts, max_generation_steps=new, max_prompt_length=prompt,
+                 forbidden_tokens=[1], echo=False)
+
+  def run_kdjax():
+    return np.asarray(generate(variables, buf, jax.random.key(0)))
+
+  kd_tokens = run_kdjax()[:, prompt:]
+  tunix_tokens = np.asarray([o for o in run_tunix().tokens])
+  agree = float(np.mean(kd_tokens == tunix_tokens[:, :new]))
+  times = {"kdjax KV-cache sampler": [], "tunix Sampler": []}
+  for _ in range(repeats):
+    for name, fn in (("kdjax KV-cache sampler", run_kdjax),
+                     ("tunix Sampler", run_tunix)):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  rows = [{"sampler": name, "tokens_per_s": batch * new / statistics.median(t),
+           "ms": 1e3 * statistics.median(t), "agree": agree}
+          for name, t in times.items()]
+  print(f"\ngreedy generation, Qwen3 {layers} x {dim}, V={vocab}, batch "
+        f"{batch}, prompt {prompt}, {new} new tokens (median of {repeats}); "
+        f"greedy tokens identical: {100 * agree:.1f}%")
+  for r in rows:
+    print(f"  {r['sampler']:24s} {r['ms']:8.1f} ms/call "
+          f"{r['tokens_per_s']:9.0f} tokens/s")
   return rows
 
 
@@ -325,6 +416,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--only", default=None,
                       help="run only the size of this name")
+  parser.add_argument("--sampler", action="store_true",
+                      help="also time kdjax's KV-cache sampler vs Tunix's "
+                      "Sampler (default on without --smoke)")
   args = parser.parse_args(argv)
   sizes = SMOKE if args.smoke else GPU if args.gpu else CPU
   if args.only:
@@ -337,6 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   for size in sizes:
     rows += bench_size(size, steps=steps, warmup=warmup)
   print_table(rows)
+  if args.sampler or not args.smoke:
+    bench_samplers()
   return rows
 
 
