@@ -452,14 +452,20 @@ def labelled_cross_entropy(student_logits: chex.Array,
   shape = jnp.shape(student_logits)
   _utils.check_labels(labels, shape[-1], shape[:-1], loss_name, arg_name)
   _utils.check_unit_interval(label_smoothing, "label_smoothing")
-  log_q = jax.nn.log_softmax(_utils.to_float32(student_logits), axis=-1)
-  nll = -jnp.take_along_axis(log_q, jnp.asarray(labels)[..., None], axis=-1)[
-      ..., 0]
+  # -log q_y = logsumexp(z) - z_y, never forming the [..., C] log-softmax
+  # (as optax.softmax_cross_entropy_with_integer_labels): at large C its
+  # extra read/write of the logits made a whole LM step 1.9x slower than
+  # this form on the CPU (BUILD_NOTES.md, "Tunix model families (#16)").
+  z = _utils.to_float32(student_logits)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  z_y = jnp.take_along_axis(z, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
+  nll = lse - z_y
   if _is_python_number(label_smoothing) and label_smoothing == 0:
     per_position = nll
   else:
+    # mean_c log q_c = mean_c z_c - logsumexp(z).
     per_position = ((1.0 - label_smoothing) * nll
-                    - label_smoothing * jnp.mean(log_q, axis=-1))
+                    - label_smoothing * (jnp.mean(z, axis=-1) - lse))
   return _utils.reduce_loss(per_position, mask, reduction)
 
 
