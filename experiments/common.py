@@ -370,6 +370,19 @@ class StudentRunner:
   def run(self, seed: int, init_variables=None) -> tuple[Any, float]:
     """Trains from ``init_variables`` (default: seed ``100 + seed``); ``(variables, seconds)``."""
     tick = time.perf_counter()
+    state, _ = self.initial_state(seed, init_variables)
+    self.epoch_times = []
+    for epoch in range(self.epochs):
+      start = time.perf_counter()
+      state, _ = train.fit(self.step, state, self.teacher_variables,
+                           self.batches(seed, epoch), log_every=500)
+      jax.block_until_ready(state.params)
+      self.epoch_times.append(time.perf_counter() - start)
+    trained = state.student_variables()
+    return trained, time.perf_counter() - tick
+
+  def initial_state(self, seed: int, init_variables=None):
+    """``(state, first batch)`` at the start of seed ``seed``'s run."""
     first = next(iter(self.batches(seed, 0)))
     if init_variables is None:
       init_variables = self.init_variables(seed, first["image"])
@@ -389,15 +402,7 @@ class StudentRunner:
         loss_params=self.loss_fn.init_params(k_params, s_out, t_out, first),
         loss_state=self.loss_fn.init_state(k_state, s_out, t_out, first),
         ema=self.ema)
-    self.epoch_times = []
-    for epoch in range(self.epochs):
-      start = time.perf_counter()
-      state, _ = train.fit(self.step, state, self.teacher_variables,
-                           self.batches(seed, epoch), log_every=500)
-      jax.block_until_ready(state.params)
-      self.epoch_times.append(time.perf_counter() - start)
-    trained = state.student_variables()
-    return trained, time.perf_counter() - tick
+    return state, first
 
 
 def kd_loss(temperature: float, kd_weight: float) -> losses.ComposedLoss:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -49,10 +50,10 @@ VARIANTS = {"kd_t2": ("kd", {"temperature": 2.0, "ce_weight": 0.5,
                              "kd_weight": 0.5})}
 
 REAL = {"seeds": [0, 1, 2], "teacher_epochs": 3, "train_size": 0,
-        "epochs": 5, "methods": None, "crd_nce_k": 4096}
+        "epochs": 5, "time_steps": 30, "methods": None, "crd_nce_k": 4096}
 SMOKE = {"seeds": [0], "teacher_epochs": 1, "train_size": 512, "epochs": 1,
          "methods": ["ce", "kd", "dkd", "fitnets", "crd", "mean_teacher"],
-         "crd_nce_k": 64, "max_test": 500}
+         "crd_nce_k": 64, "max_test": 500, "time_steps": 2}
 
 
 def overrides_for(name: str, steps_per_epoch: int, args) -> dict:
@@ -76,6 +77,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p.add_argument("--student-dense", type=int, default=64)
   p.add_argument("--crd-nce-k", type=int, default=None)
   p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--time-steps", type=int, default=None,
+                 help="after training, time this many steps of every method "
+                 "on one batch, the methods interleaved (0: skip)")
+  p.add_argument("--time-rounds", type=int, default=3)
   p.add_argument("--teacher", choices=("artifact", "trained"), default="artifact",
                  help="artifact: the main job's committed 93.28%% teacher "
                  "(default); trained: the old 3-epoch CNN (~91%%)")
@@ -106,7 +111,7 @@ def run(args, argv) -> dict:
         feature_names=CACHED_FEATURES)
   steps_per_epoch = len(y) // args.batch_size
 
-  runs, info = {}, {}
+  runs, info, runners = {}, {}, {}
   # Finished (method, seed) runs are appended to a JSONL file beside the
   # results and reused by a rerun with the same settings: a long run that is
   # stopped resumes where it was (delete the file to start again).
@@ -131,7 +136,7 @@ def run(args, argv) -> dict:
       raise ValueError(f"method {name!r} (recipe {spec.recipe!r}) needs "
                        "several teachers or generations: see "
                        "ensemble_born_again.py.")
-    runner = common.StudentRunner(
+    runner = runners[name] = common.StudentRunner(
         student, student_apply, loss_fn, tc, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, teacher_apply=t_apply,
         teacher_variables=t_vars, online=online,
@@ -165,6 +170,8 @@ def run(args, argv) -> dict:
             f"agreement {100 * ev['agreement']:.2f}  ({seconds:.1f} s, "
             f"{ms_per_step:.1f} ms/step, teacher {source})", flush=True)
 
+  step_ms = time_steps(runners, args.time_steps, args.time_rounds) if (
+      args.time_steps) else {}
   n_s = common.param_count(student.init(jax.random.PRNGKey(0), x[:2]))
   base = [r["accuracy"] for r in runs["ce"]] if "ce" in runs else None
   rows, summary = [], {}
@@ -177,14 +184,16 @@ def run(args, argv) -> dict:
                  common.fmt(acc), "-" if gain is None else common.fmt(gain, signed=True),
                  "-" if better is None else ("yes" if better else "no"),
                  common.fmt([r["agreement"] for r in runs[name]]),
-                 f"{np.mean([r['ms_per_step'] for r in runs[name]]):.1f}"])
+                 f"{step_ms[name]:.1f}" if name in step_ms else
+                 f"({np.mean([r['ms_per_step'] for r in runs[name]]):.1f})"])
     summary[name] = {**info[name], "accuracy": common.stats(acc),
                      "gain_vs_ce": None if gain is None else common.stats(gain),
                      "beyond_spread": better,
                      "agreement": common.stats([r["agreement"] for r in runs[name]]),
                      "time_s": [r["time_s"] for r in runs[name]],
-                     "ms_per_step": common.stats(
-                         [r["ms_per_step"] for r in runs[name]])}
+                     "ms_per_step_training": common.stats(
+                         [r["ms_per_step"] for r in runs[name]]),
+                     "ms_per_step": step_ms.get(name)}
   table = common.markdown_table(
       ["method", "teacher outputs", "changed defaults", "test accuracy",
        "gain vs ce", "gain > spread", "agreement", "ms / step"], rows)
@@ -209,6 +218,37 @@ def run(args, argv) -> dict:
              "not_run": {n: "see ensemble_born_again.py" for n in SEPARATE}}
   common.write_json(json_path, payload)
   return payload
+
+
+def time_steps(runners: dict, steps: int, rounds: int) -> dict:
+  """Median ms per step of each runner's jitted step on one fixed batch.
+
+  Every method's step is compiled and warmed up first, then ``rounds``
+  rounds time ``steps`` steps of each method in turn (interleaved, so that a
+  change of the machine's load touches every method alike); the median over
+  rounds is returned. Online teachers run inside their step, as in training.
+  """
+  jobs = {}
+  for name, runner in runners.items():
+    state, batch = runner.initial_state(0)
+    for _ in range(2):  # compile + warm up
+      state, _ = runner.step(state, runner.teacher_variables, batch)
+    jax.block_until_ready(state.params)
+    jobs[name] = [runner, state, batch, []]
+  for _ in range(rounds):
+    for name, job in jobs.items():
+      runner, state, batch, times = job
+      tick = time.perf_counter()
+      for _ in range(steps):
+        state, _ = runner.step(state, runner.teacher_variables, batch)
+      jax.block_until_ready(state.params)
+      times.append(1e3 * (time.perf_counter() - tick) / steps)
+      job[1] = state
+  out = {name: float(np.median(job[3])) for name, job in jobs.items()}
+  print("ms / step (median of %d interleaved rounds of %d steps, load %.1f): %s"
+        % (rounds, steps, os.getloadavg()[0],
+           ", ".join(f"{k} {v:.1f}" for k, v in out.items())), flush=True)
+  return out
 
 
 def plot(summary: dict, names: Sequence[str], teacher_accuracy: float,
