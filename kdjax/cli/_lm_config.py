@@ -135,6 +135,13 @@ LM_SCHEMA: dict = {
         "keep_layers": Field([], "ints", "init: teacher_layers: the teacher "
                              "layers kept, increasing (empty: every other "
                              "layer, 0, 2, 4, ...)", minimum=0),
+        "dtype": Field("float32", "str", "init: teacher_layers: the "
+                       "student's parameter dtype; float32 keeps float32 "
+                       "master weights for a bfloat16 teacher (whose small "
+                       "updates would round away in bfloat16); null: the "
+                       "teacher's. The teacher stays in its own dtype",
+                       nullable=True,
+                       choices=("float32", "bfloat16", "float16")),
     },
     "optimizer": _with_defaults(_schema.SCHEMA["optimizer"], lr=3e-3,
                                 weight_decay=0.01, warmup_steps=10,
@@ -178,7 +185,18 @@ LM_SCHEMA: dict = {
                           nullable=True),
         "hf_out": Field(None, "str", "write the distilled student (families "
                         "qwen3, llama3, gemma3) as a Hugging Face safetensors "
-                        "directory here", nullable=True),
+                        "directory here (not the teacher's; an existing "
+                        "directory with a config.json only if this run "
+                        "wrote it, or with distill.hf_overwrite)",
+                        nullable=True),
+        "hf_dtype": Field(None, "str", "the dtype of the exported tensors; "
+                          "default the Hugging Face teacher's (bfloat16 for "
+                          "a bfloat16 teacher), else the student's",
+                          nullable=True,
+                          choices=("float32", "bfloat16", "float16")),
+        "hf_overwrite": Field(False, "bool", "let distill.hf_out replace the "
+                              "config.json and model.safetensors of a "
+                              "directory this run did not write"),
     },
     "checkpoint": _with_defaults(_schema.SCHEMA["checkpoint"], save_every=100),
     "eval": {
@@ -225,6 +243,15 @@ def load_config(paths: Sequence[str] = (),
     except ConfigError as e:
       raise ConfigError(f"{path}: {e}") from None
   for text in overrides:
+    parts, value = _config_base.parse_override(text)
+    if (len(parts) == 2 and parts[0] in ("teacher", "student")
+        and parts[1] == "kwargs" and (value is None
+                                      or isinstance(value, Mapping))):
+      # --set student.kwargs={...} (or null) replaces the mapping;
+      # --set student.kwargs.KEY=VALUE sets one key of it.
+      config[parts[0]]["kwargs"] = {}
+      if value is None:
+        continue
     _config_base.apply_override(config, text, LM_SCHEMA)
   return validate(config)
 
@@ -270,7 +297,19 @@ def validate(config: dict) -> dict:
     raise ConfigError("config key 'distill.hf_out' needs a student of family "
                       "qwen3, llama3 or gemma3 (Hugging Face has no kdjax "
                       "DecoderLM format).")
+  hf = config["teacher"]["hf_path"]
+  if d["hf_out"] and hf and same_path(d["hf_out"], hf):
+    raise ConfigError(
+        f"config key 'distill.hf_out' ({d['hf_out']}) is the teacher's own "
+        f"directory (teacher.hf_path: {hf}); the export would overwrite the "
+        "teacher: choose another directory.")
   return config
+
+
+def same_path(a: str, b: str) -> bool:
+  """Whether two paths name the same file or directory (links resolved)."""
+  return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(
+      os.path.expanduser(b))
 
 
 def teacher_run_dir(config: Mapping[str, Any]) -> str:

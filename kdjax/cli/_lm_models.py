@@ -235,14 +235,20 @@ def load_hf(path: str):
     _tunix_module()
     from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
     _check_hf_tokenizer(path)
-    _HF_CACHE[path] = _hf.load_hf_checkpoint(path)
+    try:
+      _HF_CACHE[path] = _hf.load_hf_checkpoint(path)
+    except _hf.HFCheckpointError as e:
+      # Found before the run starts: the teacher directory is the config's
+      # to fix (a truncated file, tensors that contradict config.json, a
+      # feature Tunix cannot run), exit 2 as for any bad teacher.
+      raise ConfigError(f"config key 'teacher.hf_path': {e}") from None
   return _HF_CACHE[path]
 
 
 def _check_hf_tokenizer(path: str) -> None:
   """A ConfigError (exit 2, as for any model) when the checkpoint's
   tokenizer.json emits ids beyond its config's vocabulary (checked before
-  loading: the loader's own check is an HFCheckpointError, exit 1)."""
+  the tensors are read)."""
   from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
   tok_path = os.path.join(path, "tokenizer.json")
   cfg_path = os.path.join(path, "config.json")
@@ -270,7 +276,9 @@ def model_of(config: Mapping[str, Any], side: str, vocab_size: int
              ) -> LMModel:
   """The model of ``config[side]``: a Hugging Face teacher
   (``teacher.hf_path``), a student made of its layers
-  (``student.init: teacher_layers``), or a fresh model of the section."""
+  (``student.init: teacher_layers``, in ``student.dtype``: float32 master
+  weights by default, whatever the teacher's dtype), or a fresh model of the
+  section."""
   hf = config["teacher"]["hf_path"]
   if side == "teacher" and hf:
     ck = load_hf(hf)
@@ -282,7 +290,8 @@ def model_of(config: Mapping[str, Any], side: str, vocab_size: int
     ck = load_hf(hf)
     keep = list(s["keep_layers"]) or "every_other"
     try:
-      model = _hf.student_from_teacher(ck, keep_layers=keep)
+      model = _hf.student_from_teacher(ck, keep_layers=keep,
+                                       dtype=s["dtype"])
     except ValueError as e:
       raise ConfigError(f"config key 'student.keep_layers': {e}") from None
     return lm_from_tunix(model, ck.family, vocab_size,

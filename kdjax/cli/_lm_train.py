@@ -369,10 +369,49 @@ def train_teacher(config: dict, out: Callable[[str], None] = print) -> int:
 
 def distill(config: dict, out: Callable[[str], None] = print) -> int:
   objective = config["distill"]["objective"]
+  check_hf_out(config, _lm_config.distill_run_dir(config))
   return train(config, command="lm distill", side="student",
                run_dir=_lm_config.distill_run_dir(config), objective=objective,
                teacher_needed=objective != "ce",
                steps=config["train"]["steps"], lr=None, out=out)
+
+
+HF_EXPORT_FILE = "hf_export.json"
+
+
+def check_hf_out(config: Mapping[str, Any], run_dir: str) -> None:
+  """A ConfigError, before anything runs, when ``distill.hf_out`` would
+  overwrite a Hugging Face directory this run did not write: one holding a
+  ``config.json`` that is not this run's earlier export (recorded in
+  ``<run_dir>/hf_export.json``), unless ``distill.hf_overwrite``. (The
+  teacher's own directory is refused by the config's validation.)"""
+  d = config["distill"]
+  path = d["hf_out"]
+  if not path or d["hf_overwrite"]:
+    return
+  if not os.path.exists(os.path.join(path, "config.json")):
+    return
+  record = os.path.join(run_dir, HF_EXPORT_FILE)
+  if os.path.exists(record):
+    try:
+      with open(record) as f:
+        if _lm_config.same_path(json.load(f)["path"], path):
+          return
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
+  raise ConfigError(
+      f"config key 'distill.hf_out': {path} already holds a config.json that "
+      f"this run ({run_dir}) did not write; choose another directory, or set "
+      "distill.hf_overwrite=true to replace its config.json and "
+      "model.safetensors.")
+
+
+def _param_dtype(model) -> Optional[str]:
+  """The dtype of a Tunix model's floating-point parameters (None if mixed)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  dtypes = {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+            if jnp.issubdtype(x.dtype, jnp.floating)}
+  return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def write_hf(config, run_dir: str, student: _lm_models.LMModel, tokenizer,
@@ -392,13 +431,21 @@ def write_hf(config, run_dir: str, student: _lm_models.LMModel, tokenizer,
   path = config["distill"]["hf_out"]
   hf = config["teacher"]["hf_path"]
   hf_config = None
-  if hf and _lm_models.load_hf(hf).family == student.family:
-    hf_config = _lm_models.load_hf(hf).hf_config
+  dtype = config["distill"]["hf_dtype"]
+  if hf:
+    ck = _lm_models.load_hf(hf)
+    if ck.family == student.family:
+      hf_config = ck.hf_config
+    if dtype is None:  # a bfloat16 teacher gives a bfloat16 student
+      dtype = _param_dtype(ck.model)
   _hf.save_hf_checkpoint(
-      path, student.family, model, hf_config=hf_config,
+      path, student.family, model, hf_config=hf_config, dtype=dtype,
       tokenizer=(None if tokenizer.json_text is None
                  else Tokenizer.from_str(tokenizer.json_text)))
-  out(f"[lm distill] wrote the student as a Hugging Face checkpoint: {path}")
+  with open(os.path.join(run_dir, HF_EXPORT_FILE), "w") as f:
+    json.dump({"path": os.path.abspath(path), "dtype": dtype}, f)
+  out(f"[lm distill] wrote the student as a Hugging Face checkpoint"
+      f"{'' if dtype is None else f' ({dtype})'}: {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -457,6 +504,46 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
          f"{report['teacher_' + run.config['eval']['divergence']]:.4f}"
          if teacher is not None else "")
       + f"; {os.path.join(run_dir, EVAL_FILE)}")
+  return result
+
+
+def evaluate_hf(hf_dir: str, config_paths: Sequence[str] = (), *,
+                overrides: Sequence[str] = (), use_teacher: bool = True,
+                out: Callable[[str], None] = print) -> dict:
+  """Held-out perplexity of the Hugging Face checkpoint in ``hf_dir`` (e.g.
+  a ``distill.hf_out`` export) on the held-out files of the config, with its
+  own tokenizer.json; with ``teacher.hf_path`` set (and ``use_teacher``),
+  also the teacher's perplexity and the teacher-student divergence. Prints
+  one line and returns the result; writes no file (the directory stays a
+  plain Hugging Face checkpoint)."""
+  config = _lm_config.load_config(config_paths, overrides)
+  teacher_hf = config["teacher"]["hf_path"] if use_teacher else None
+  own = {**config, "teacher": {**config["teacher"], "hf_path": hf_dir}}
+  check_teacher_exists(own)
+  data = lm_data(own, train=False, out=out)
+  model = _lm_models.model_of(own, "teacher", data.tokenizer.vocab_size)
+  teacher = None
+  if teacher_hf:
+    if _lm_config.same_path(teacher_hf, hf_dir):
+      raise ConfigError(f"--hf {hf_dir} is teacher.hf_path itself; unset "
+                        "teacher.hf_path or pass --no-teacher.")
+    check_teacher_exists(config)
+    teacher = load_teacher(config, data.tokenizer)
+  with errors.during_run():
+    t0 = time.perf_counter()
+    report = LMEvaluator(config, model, teacher, data)(model.variables)
+  result = {"hf": os.path.abspath(hf_dir), "model": model.description,
+            "params": _lm_models.param_count(model.variables),
+            "teacher": None if teacher is None else teacher.path,
+            "held_out_files": len(data.corpus["eval"]),
+            "held_out_sequences": len(data.held_out[0]),
+            "eval_s": time.perf_counter() - t0, **report}
+  div = config["eval"]["divergence"]
+  out(f"[lm eval] {hf_dir} ({model.description}): held-out perplexity "
+      f"{report['perplexity']:.3f} over {int(report['tokens'])} tokens"
+      + (f"; teacher perplexity {report['teacher_perplexity']:.3f}, "
+         f"teacher-student {div} {report['teacher_' + div]:.4f}"
+         if teacher is not None else ""))
   return result
 
 

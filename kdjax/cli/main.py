@@ -13,6 +13,7 @@
   kdjax lm train-teacher --config L.yaml [--set ...]   # -> <output_dir>/teacher
   kdjax lm distill       --config L.yaml [--set ...]   # -> <output_dir>/student_<objective>
   kdjax lm eval RUN_DIR [--teacher TEACHER_RUN]        # held-out perplexity -> eval.json
+  kdjax lm eval --hf HF_DIR [--config L.yaml] [--set ...]  # of a Hugging Face directory
   kdjax lm generate RUN_DIR [--prompt TEXT ...]        # sampled continuations
   kdjax lm config [--config L.yaml] [--set ...] [--schema]
 
@@ -56,18 +57,23 @@ class _Parser(argparse.ArgumentParser):
               f"`{self.prog} --help`)\n")
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+_SET_EXAMPLE = "distill.method=dkd optimizer.lr=1e-3"
+_LM_SET_EXAMPLE = "distill.objective=gkd optimizer.lr=1e-3"
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True,
+                     example: str = _SET_EXAMPLE) -> None:
   p.add_argument("--config", "-c", action="append", default=[],
                  required=required, metavar="PATH",
                  help="YAML config file (repeat to merge several, in order)")
-  _add_set(p)
+  _add_set(p, example)
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, example: str = _SET_EXAMPLE) -> None:
   p.add_argument("--set", "-s", nargs="+", action="extend", default=[],
                  metavar="KEY=VALUE",
-                 help="override config keys, e.g. --set distill.method=dkd "
-                      "optimizer.lr=1e-3 (values read as YAML)")
+                 help=f"override config keys, e.g. --set {example} (values "
+                      "read as YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,22 +169,31 @@ def _add_lm_parser(sub) -> None:
   lsub.required = True
   p = lsub.add_parser("train-teacher", help="train the teacher on the corpus "
                       "(run dir: teacher.run_dir or <output_dir>/teacher)")
-  _add_config_args(p)
+  _add_config_args(p, example=_LM_SET_EXAMPLE)
   p.set_defaults(func=cmd_lm_train_teacher)
   p = lsub.add_parser("distill", help="train the student with "
                       "distill.objective from the teacher run (run dir: "
                       "<output_dir>/student_<objective>)")
-  _add_config_args(p)
+  _add_config_args(p, example=_LM_SET_EXAMPLE)
   p.set_defaults(func=cmd_lm_distill)
   p = lsub.add_parser("eval", help="held-out perplexity of a run (and its "
-                      "teacher's, and their divergence); writes eval.json")
-  p.add_argument("run_dir", metavar="RUN_DIR")
+                      "teacher's, and their divergence); writes eval.json. "
+                      "With --hf: of a Hugging Face checkpoint directory "
+                      "(e.g. a distill.hf_out export) on the held-out files "
+                      "of --config, against its teacher.hf_path if set")
+  p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", default=None)
+  p.add_argument("--hf", metavar="HF_DIR", default=None,
+                 help="evaluate this Hugging Face directory (config.json, "
+                      "*.safetensors, tokenizer.json) instead of a run")
+  p.add_argument("--config", "-c", action="append", default=[],
+                 metavar="PATH", help="--hf: the YAML config of the corpus "
+                 "(and teacher.hf_path to compare with)")
   p.add_argument("--teacher", metavar="TEACHER_RUN", default=None,
                  help="teacher run to compare with (default: the run's "
                       "teacher)")
   p.add_argument("--no-teacher", action="store_true",
                  help="evaluate the run's model alone")
-  _add_set(p)
+  _add_set(p, _LM_SET_EXAMPLE)
   p.set_defaults(func=cmd_lm_eval)
   p = lsub.add_parser("generate", help="print sampled continuations of "
                       "prompts (default: held-out prompts); writes "
@@ -186,11 +201,11 @@ def _add_lm_parser(sub) -> None:
   p.add_argument("run_dir", metavar="RUN_DIR")
   p.add_argument("--prompt", "-p", action="append", default=[],
                  metavar="TEXT", help="a prompt (repeat for several)")
-  _add_set(p)
+  _add_set(p, _LM_SET_EXAMPLE)
   p.set_defaults(func=cmd_lm_generate)
   p = lsub.add_parser("config", help="print the resolved LM config (or its "
                       "schema with --schema)")
-  _add_config_args(p, required=False)
+  _add_config_args(p, required=False, example=_LM_SET_EXAMPLE)
   p.add_argument("--schema", action="store_true",
                  help="every key with its default and meaning")
   p.set_defaults(func=cmd_lm_config)
@@ -394,6 +409,21 @@ def cmd_lm_distill(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
+  if args.hf is not None:
+    if args.run_dir is not None or args.teacher is not None:
+      raise errors.UsageError("give RUN_DIR or --hf HF_DIR, not both (the "
+                              "teacher of --hf is the config's "
+                              "teacher.hf_path).")
+    from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+    _lm_train.evaluate_hf(args.hf, args.config, overrides=args.set,
+                          use_teacher=not args.no_teacher)
+    return 0
+  if args.run_dir is None:
+    raise errors.UsageError("give a run directory (RUN_DIR) or a Hugging "
+                            "Face directory (--hf HF_DIR).")
+  if args.config:
+    raise errors.UsageError("--config is for --hf; a run directory has its "
+                            "own config.yaml (change keys with --set).")
   _check_run_dir(args.run_dir, lm=True)
   if args.teacher is not None and not args.no_teacher:
     _check_run_dir(args.teacher, lm=True)

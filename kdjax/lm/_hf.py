@@ -395,7 +395,8 @@ def _keep_list(keep_layers, n: int) -> list:
 
 def student_from_teacher(
     teacher, family: Optional[str] = None, *,
-    keep_layers: Union[str, Sequence[int]] = "every_other"):
+    keep_layers: Union[str, Sequence[int]] = "every_other",
+    dtype: Any = None):
   """A student of the teacher's family with some of its layers (DistilBERT).
 
   The student has the teacher's config except ``num_layers =
@@ -411,6 +412,10 @@ def student_from_teacher(
     teacher: an :class:`HFCheckpoint` or a Tunix model.
     family: its family (default: the checkpoint's / the model's class).
     keep_layers: ``"every_other"`` (``0, 2, 4, ...``) or increasing indices.
+    dtype: the student's parameter (and, where the family's config has one,
+      computation) dtype: ``"float32"`` keeps float32 master weights for a
+      ``bfloat16`` teacher, whose small updates would otherwise round away;
+      default the teacher's.
 
   Returns:
     The student ``nnx.Module`` (its Tunix config is ``student.config``).
@@ -428,6 +433,12 @@ def student_from_teacher(
   config = model.config
   keep = _keep_list(keep_layers, config.num_layers)
   student_config = dataclasses.replace(config, num_layers=len(keep))
+  if dtype is not None:
+    dtype = resolve_dtype(dtype, {})
+    names = {f.name for f in dataclasses.fields(student_config)}
+    student_config = dataclasses.replace(
+        student_config, **{k: dtype for k in ("dtype", "param_dtype")
+                           if k in names})
   _, abstract = _abstract_model(family, student_config,
                                 model_rope(family, model))
   graphdef, abstract_state = nnx.split(abstract)
@@ -435,7 +446,12 @@ def student_from_teacher(
   student_state = {k: v for k, v in teacher_state.items() if k != "layers"}
   student_state["layers"] = {j: teacher_state["layers"][i]
                              for j, i in enumerate(keep)}
-  student_state = jax.tree.map(jnp.copy, student_state)
+  def copy(x):
+    x = jnp.asarray(x)
+    cast = dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
+    return jnp.array(x, dtype=dtype if cast else x.dtype, copy=True)
+
+  student_state = jax.tree.map(copy, student_state)
   abstract_dict = abstract_state.to_pure_dict()
   if (jax.tree.structure(abstract_dict) != jax.tree.structure(student_state)):
     raise HFCheckpointError(

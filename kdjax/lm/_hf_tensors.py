@@ -23,17 +23,42 @@ from kdjax.lm._hf_config import tied
 from kdjax.lm._hf_config import vocab_size_of
 
 def read_headers(files: Sequence[str]) -> dict:
-  """HF tensor name -> ``(shape, dtype string, file)``, from the headers."""
-  import struct
+  """HF tensor name -> ``(shape, dtype string, file)``, from the headers.
+
+  A safetensors file is an 8-byte little-endian header size ``n``, ``n``
+  bytes of JSON header, then the tensors' bytes at the header's
+  ``data_offsets`` (relative to byte ``8 + n``); a file shorter than ``8 + n
+  + max(end offset)`` is truncated (e.g. an interrupted download).
+
+  Raises:
+    HFCheckpointError: a file that is not safetensors, or truncated (named,
+      with its size and the size its header implies); a tensor in two files.
+  """
   found = {}
   for file in files:
+    file_size = os.path.getsize(file)
     with open(file, "rb") as f:
       try:
         (size,) = struct.unpack("<Q", f.read(8))
+        if 8 + size > file_size:
+          raise HFCheckpointError(
+              f"{file} is truncated: {file_size} bytes, but its header alone "
+              f"should take {8 + size}; download or copy it again")
         header = json.loads(f.read(size).decode("utf-8"))
       except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HFCheckpointError(
             f"{file} is not a safetensors file ({e})") from e
+    if not isinstance(header, dict):
+      raise HFCheckpointError(f"{file} is not a safetensors file (its header "
+                              "is not a JSON object)")
+    ends = [int(meta["data_offsets"][1]) for name, meta in header.items()
+            if name != "__metadata__" and isinstance(meta, dict)
+            and len(meta.get("data_offsets") or ()) == 2]
+    if ends and 8 + size + max(ends) > file_size:
+      raise HFCheckpointError(
+          f"{file} is truncated: {file_size} bytes, but its header places "
+          f"tensor data up to byte {8 + size + max(ends)}; download or copy "
+          "it again")
     for name, meta in header.items():
       if name == "__metadata__":
         continue

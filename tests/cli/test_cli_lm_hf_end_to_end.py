@@ -368,8 +368,9 @@ def run_distill(broken: str, out_dir, *sets) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("name, edit, sets, status, pieces", [
-    # README, exit statuses: "a corrupt or mismatched checkpoint" is 1.
-    ("wide_config", _set_config(hidden_size=48), (), errors.EXIT_FAILURE,
+    # README, exit statuses: a Hugging Face teacher found bad before the run
+    # starts (here: tensors that contradict its config.json) is 2.
+    ("wide_config", _set_config(hidden_size=48), (), errors.EXIT_USAGE,
      ("does not match its config.json", "model.embed_tokens.weight",
       "hidden_size")),
     ("no_weights", lambda p: os.remove(os.path.join(p, "model.safetensors")),
