@@ -438,12 +438,13 @@ def write_hf(config, run_dir: str, student: _lm_models.LMModel, tokenizer,
       hf_config = ck.hf_config
     if dtype is None:  # a bfloat16 teacher gives a bfloat16 student
       dtype = _param_dtype(ck.model)
+  # Recorded first: an export cut short may be retried by the same command.
+  with open(os.path.join(run_dir, HF_EXPORT_FILE), "w") as f:
+    json.dump({"path": os.path.abspath(path), "dtype": dtype}, f)
   _hf.save_hf_checkpoint(
       path, student.family, model, hf_config=hf_config, dtype=dtype,
       tokenizer=(None if tokenizer.json_text is None
                  else Tokenizer.from_str(tokenizer.json_text)))
-  with open(os.path.join(run_dir, HF_EXPORT_FILE), "w") as f:
-    json.dump({"path": os.path.abspath(path), "dtype": dtype}, f)
   out(f"[lm distill] wrote the student as a Hugging Face checkpoint"
       f"{'' if dtype is None else f' ({dtype})'}: {path}")
 
