@@ -39,6 +39,7 @@ from kdjax.cli import _lm_models
 from kdjax.cli import _trainer
 from kdjax.cli import errors
 from kdjax.cli._config_base import ConfigError
+from kdjax.cli._trainer import Objective
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.json"
@@ -174,14 +175,6 @@ def loss_terms(config: Mapping[str, Any], vocab_size: int, objective: str):
                              needs_teacher=False))
   return losses.compose(terms, temperature=d["temperature"])
 
-
-@dataclasses.dataclass
-class Objective:
-  loss_fn: Any
-  state: Any
-  train_step: Callable
-  schedule: Callable
-  policy: Any
 
 
 def build_objective(config: Mapping[str, Any], objective: str,

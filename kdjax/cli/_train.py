@@ -40,6 +40,7 @@ from kdjax.cli import _models
 from kdjax.cli import _trainer
 from kdjax.cli import config as cfg
 from kdjax.cli import errors
+from kdjax.cli._trainer import Objective
 from kdjax.cli.config import ConfigError
 
 # Shared with kdjax lm (kept here for the modules that read them from _train).
@@ -257,15 +258,6 @@ def build_student(config: Mapping[str, Any], model_key: str, spec,
   _check_features(apply, variables, image_shape, model_key, config)
   return Student(module=module, apply=apply, variables=variables)
 
-
-@dataclasses.dataclass
-class Objective:
-  """The loss, the initial state and the jitted step of a run."""
-  loss_fn: Any
-  state: Any
-  train_step: Callable
-  schedule: Callable
-  policy: Any
 
 
 def build_objective(config: Mapping[str, Any], spec, student: Student,

@@ -211,6 +211,16 @@ class StopRequest:
 
 
 @dataclasses.dataclass
+class Objective:
+  """The loss, the initial state and the jitted step of a run."""
+  loss_fn: Any
+  state: Any
+  train_step: Callable
+  schedule: Callable
+  policy: Any
+
+
+@dataclasses.dataclass
 class Job:
   """What a training command hands to :func:`run`.
 

@@ -113,6 +113,27 @@ def _valid_lengths(tokens, prompt_len, eos_id):
   return first.astype(jnp.int32)
 
 
+def prepare_token_buffer(tokens: chex.Array, prompt_len: chex.Array,
+                         config: "SamplingConfig") -> tuple:
+  """Checks a generation buffer; ``(tokens, prompt_len, prefill_length)``.
+
+  ``tokens [B, S]`` (``S >= 2``) with every entry at or past ``prompt_len[b]``
+  replaced by ``config.pad_id``; ``config.prefill_length < S`` is required.
+  Shared by :func:`generate` and ``kdjax.lm.tunix_generate``.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  prompt_len = jnp.asarray(prompt_len, jnp.int32)
+  s = tokens.shape[1]
+  if s < 2:
+    raise ValueError(f"the token buffer needs >= 2 positions, got {s}.")
+  p0 = config.prefill_length
+  if p0 > s - 1:
+    raise ValueError(f"prefill_length={p0} must be < the buffer length {s}.")
+  pos = jnp.arange(s)[None]
+  tokens = jnp.where(pos < prompt_len[:, None], tokens, config.pad_id)
+  return tokens, prompt_len, p0
+
+
 def generate(module: DecoderLM,
              variables,
              tokens: chex.Array,
@@ -137,16 +158,8 @@ def generate(module: DecoderLM,
   Returns:
     :class:`GenerationOutput`.
   """
-  tokens = jnp.asarray(tokens, jnp.int32)
-  prompt_len = jnp.asarray(prompt_len, jnp.int32)
+  tokens, prompt_len, p0 = prepare_token_buffer(tokens, prompt_len, config)
   b, s = tokens.shape
-  if s < 2:
-    raise ValueError(f"the token buffer needs >= 2 positions, got {s}.")
-  p0 = config.prefill_length
-  if p0 > s - 1:
-    raise ValueError(f"prefill_length={p0} must be < the buffer length {s}.")
-  pos = jnp.arange(s)[None]
-  tokens = jnp.where(pos < prompt_len[:, None], tokens, config.pad_id)
   steps = s - 1  # positions fed: 0 .. s-2
 
   if use_cache:

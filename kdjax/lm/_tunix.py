@@ -72,6 +72,7 @@ from kdjax.lm._generate import GenerationOutput
 from kdjax.lm._generate import SamplingConfig
 from kdjax.lm._generate import _valid_lengths
 from kdjax.lm._generate import batch_from_generation
+from kdjax.lm._generate import prepare_token_buffer
 from kdjax.lm._generate import sample_logits
 from kdjax.models import ModelOutput
 
@@ -482,16 +483,8 @@ def tunix_generate(apply, variables, tokens: chex.Array,
   graphdef = getattr(apply, "graphdef", None)
   if graphdef is None:
     raise ValueError("apply must come from make_tunix_lm_apply.")
-  tokens = jnp.asarray(tokens, jnp.int32)
-  prompt_len = jnp.asarray(prompt_len, jnp.int32)
+  tokens, prompt_len, p0 = prepare_token_buffer(tokens, prompt_len, config)
   b, s = tokens.shape
-  if s < 2:
-    raise ValueError(f"the token buffer needs >= 2 positions, got {s}.")
-  p0 = config.prefill_length
-  if p0 > s - 1:
-    raise ValueError(f"prefill_length={p0} must be < the buffer length {s}.")
-  pos = jnp.arange(s)[None]
-  tokens = jnp.where(pos < prompt_len[:, None], tokens, config.pad_id)
   steps = s - 1
   model = nnx.merge(graphdef, _params_of(variables))
   cache = init_tunix_cache(apply.family, apply.config, b, steps, cache_dtype)
