@@ -52,10 +52,10 @@ def parse_args(argv):
   p.add_argument("--teacher-dir", default=teacher_lib.DEFAULT_ARTIFACT)
   p.add_argument("--students", nargs="+", default=["mlp128"],
                  choices=sorted(main_job.STUDENTS))
-  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-  p.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 4, 8])
-  p.add_argument("--kd-weights", type=float, nargs="+", default=[0.5, 0.9])
-  p.add_argument("--full-epochs", type=int, nargs="+", default=[10, 20, 40],
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  p.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 4])
+  p.add_argument("--kd-weights", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+  p.add_argument("--full-epochs", type=int, nargs="+", default=[20, 40, 60],
                  help="epoch budgets of the full regime (stage 1 uses the middle one)")
   p.add_argument("--subset-size", type=int, default=1800, help="0: skip the subset regime")
   p.add_argument("--subset-epochs", type=int, nargs="+", default=[50, 100, 200])

@@ -241,6 +241,53 @@ def test_main_job_smoke(env, tmp_path):
   assert payload["table"].startswith("| training set |")
 
 
+def test_main_job_defaults_are_the_validation_choice(env):
+  """The main job's defaults are what fashion_mnist_select.py chose (its JSON)."""
+  import fashion_mnist_kd  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(EXPERIMENTS, "results", "fashion_mnist_select.json")) as f:
+    saved = json.load(f)
+  d = fashion_mnist_kd.DEFAULTS
+  assert saved["teacher_fingerprint"] == json.loads(open(os.path.join(
+      EXPERIMENTS, "teacher", "teacher.json")).read())["fingerprint"]
+  for regime in ("full", "subset"):
+    choice = saved["choice"][f"{regime}/{d['student']}"]
+    assert d[regime]["alone_epochs"] == choice["alone_epochs"]
+    assert d[regime]["epochs"] == choice["kd"]["epochs"]
+    assert d[regime]["temperature"] == choice["kd"]["temperature"]
+    assert d[regime]["kd_weight"] == choice["kd"]["kd_weight"]
+  # The choice is the best validation mean of the rows it was chosen from.
+  rows = saved["regimes"][f"full/{d['student']}"]["rows"]
+  best_kd = max((r for r in rows if r["run"] == "kd"), key=lambda r: r["mean"])
+  assert best_kd["epochs"] == d["full"]["epochs"]
+
+
+def test_select_smoke(env, tmp_path):
+  """fashion_mnist_select.py end to end on a smoke teacher: a choice per regime."""
+  import fashion_mnist_kd  # pylint: disable=g-import-not-at-top
+  import fashion_mnist_select  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "work"
+  fashion_mnist_kd.main(["--smoke", "--no-schedules", "--no-progress",
+                         "--seeds", "0", "--data-dir", env["data_dir"],
+                         "--workdir", str(work), "--json", "", "--png", ""])
+  out = tmp_path / "select.json"
+  payload = fashion_mnist_select.main(
+      ["--data-dir", env["data_dir"], "--teacher-dir", str(work / "teacher"),
+       "--max-train", "1024", "--seeds", "0", "--temperatures", "2",
+       "--kd-weights", "0.5", "0.9", "--full-epochs", "1", "2",
+       "--subset-size", "256", "--subset-epochs", "1", "2", "--no-progress",
+       "--out", str(out)])
+  saved = json.loads(out.read_text())
+  assert set(saved["choice"]) == {"full/mlp128", "subset/mlp128"}
+  for key, choice in saved["choice"].items():
+    rows = saved["regimes"][key]["rows"]
+    kd_rows = [r for r in rows if r["run"] == "kd"]
+    assert max(r["mean"] for r in kd_rows) == pytest.approx(choice["kd_val"])
+    alone = [r for r in rows if r["run"] == "alone"]
+    assert max(r["mean"] for r in alone) == pytest.approx(choice["alone_val"])
+    assert {r["epochs"] for r in alone} == {1, 2}
+  assert payload["choice"] == saved["choice"]
+
+
 def test_committed_teacher_artifact_verifies(env):  # env: experiments/ on sys.path
   """The committed teacher loads, its fingerprint matches, and it is >= 93%."""
   import fashion_mnist_teacher as ft  # pylint: disable=g-import-not-at-top
