@@ -77,7 +77,13 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
                  help="where the JSON and PNG go (default experiments/results "
                  "and experiments/plots; with --smoke, <workdir>/smoke)")
   p.add_argument("--seeds", type=int, nargs="+", default=None)
-  p.add_argument("--teacher-epochs", type=int, default=None)
+  p.add_argument("--teacher", choices=("artifact", "trained"), default=None,
+                 help="artifact: the main job's committed 93.28%% teacher "
+                 "(experiments/teacher, fingerprint-checked); trained: the old "
+                 "3-epoch CNN (~91%%), trained once into --workdir "
+                 "(default: the experiment's own)")
+  p.add_argument("--teacher-epochs", type=int, default=None,
+                 help="epochs of the trained teacher (--teacher trained)")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--keep-caches", action="store_true",
                  help="keep the teacher caches in <workdir>/caches after the run")

@@ -97,6 +97,10 @@ def run(args, argv) -> dict:
   common.run_header(args, data)
   student = models.MLP(hidden=tuple(args.student_hidden), num_classes=10)
   student_apply = models.from_linen(student, train_kwarg="train")
+  if args.teacher == "artifact":
+    raise SystemExit("error: ensemble_born_again.py trains its own teachers "
+                     "(several architectures and generations); --teacher "
+                     "artifact does not apply here.")
   n_train = len(data["train"][1])
   regimes = []
   if "subset" in args.regimes:

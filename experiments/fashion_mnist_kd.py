@@ -11,14 +11,15 @@
    labels) and the same student (same initialisation, the same batches epoch
    by epoch) distilled from the cached teacher,
    ``(1 - w) CE + w T^2 KL(p_t || p_s)``, over 5 seeds; each arm trains for
-   its own validation-best number of epochs (the student alone peaks earlier:
-   training it as long as the distilled one would only handicap it);
+   its own validation-best number of epochs (on validation the student
+   alone peaks at fewer epochs than the distilled one);
 4. prints the test accuracies (mean ± std over seeds), the paired per-seed
    gain, the agreement with the teacher and the time of each phase; writes
    the table as JSON and a PNG (test accuracy per seed, learning curves).
 
-The defaults (student, ``T``, ``w``, each arm's epochs, per regime) were chosen on a validation split
-carved out of the training set (``fashion_mnist_select.py``; results in
+The defaults (student, ``T``, ``w``, each arm's epochs, per regime) were
+chosen on a validation split carved out of the training set
+(``fashion_mnist_select.py``; results in
 ``experiments/results/fashion_mnist_select.json``), never on the test set,
 which is reported once. Run from a fresh machine (see README.md)::
 

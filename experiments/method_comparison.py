@@ -50,7 +50,8 @@ VARIANTS = {"kd_t2": ("kd", {"temperature": 2.0, "ce_weight": 0.5,
                              "kd_weight": 0.5})}
 
 REAL = {"seeds": [0, 1, 2], "teacher_epochs": 3, "train_size": 0,
-        "epochs": 5, "time_steps": 30, "methods": None, "crd_nce_k": 4096}
+        "epochs": 5, "time_steps": 30, "methods": None, "crd_nce_k": 4096,
+        "teacher": "artifact"}
 SMOKE = {"seeds": [0], "teacher_epochs": 1, "train_size": 512, "epochs": 1,
          "methods": ["ce", "kd", "dkd", "fitnets", "crd", "mean_teacher"],
          "crd_nce_k": 64, "max_test": 500, "time_steps": 2}
@@ -81,9 +82,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  help="after training, time this many steps of every method "
                  "on one batch, the methods interleaved (0: skip)")
   p.add_argument("--time-rounds", type=int, default=3)
-  p.add_argument("--teacher", choices=("artifact", "trained"), default="artifact",
-                 help="artifact: the main job's committed 93.28%% teacher "
-                 "(default); trained: the old 3-epoch CNN (~91%%)")
   return common.execute(p, argv, SMOKE, REAL, run)
 
 
