@@ -362,13 +362,10 @@ def is_lm_run(path: str) -> bool:
 
 def read_lm_run(path: str) -> LMRun:
   """Reads an LM run directory; a MissingRunError if it is none."""
-  meta_path = os.path.join(path, RUN_META)
-  if not os.path.exists(meta_path):
-    raise errors.MissingRunError(
-        f"{path} is not a kdjax run directory (no {RUN_META}); LM runs are "
-        "written by `kdjax lm train-teacher` and `kdjax lm distill`.")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
+  meta = _models.read_run_meta(
+      path, written_by="LM runs are written by `kdjax lm train-teacher` and "
+      "`kdjax lm distill`")
   if meta.get("kind") != "lm":
     raise errors.UsageError(
         f"{path} holds an image run (by `kdjax {meta.get('command')}`), not an "

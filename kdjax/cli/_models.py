@@ -346,27 +346,33 @@ def is_run_dir(path: str) -> bool:
   return os.path.exists(os.path.join(path, RUN_META))
 
 
-def read_run(path: str) -> Run:
-  """Reads ``path``'s config.yaml and run.json.
+def read_run_meta(path: str, *, written_by: str = "runs are written by "
+                  "`kdjax train-teacher` and `kdjax distill`") -> dict:
+  """``path``'s run.json, read and parsed (image and LM runs alike).
 
   Raises:
     kdjax.cli.errors.MissingRunError: ``path`` is not a kdjax run directory
-      (a ``FileNotFoundError``; exit status 2).
+      (a ``FileNotFoundError``; exit status 2); the message ends with
+      ``written_by``.
     kdjax.cli.errors.RunError: its run.json is not valid JSON (exit status 1).
   """
-  from kdjax.cli import config as cfg  # pylint: disable=g-import-not-at-top
   meta_path = os.path.join(path, RUN_META)
   if not os.path.exists(meta_path):
     raise errors.MissingRunError(
-        f"{path} is not a kdjax run directory (no {RUN_META}); runs are "
-        "written by `kdjax train-teacher` and `kdjax distill`.")
+        f"{path} is not a kdjax run directory (no {RUN_META}); {written_by}.")
   with open(meta_path) as f:
     text = f.read()
   try:
-    meta = json.loads(text)
+    return json.loads(text)
   except json.JSONDecodeError as e:
     raise errors.RunError(f"{meta_path} is not valid JSON ({e}); the run "
                           "directory is damaged.") from None
+
+
+def read_run(path: str) -> Run:
+  """Reads ``path``'s config.yaml and run.json (errors: :func:`read_run_meta`)."""
+  from kdjax.cli import config as cfg  # pylint: disable=g-import-not-at-top
+  meta = read_run_meta(path)
   # The saved config is complete and valid; load_config re-checks it.
   config = cfg.load_config([os.path.join(path, CONFIG_FILE)])
   return Run(path=path, config=config, meta=meta)

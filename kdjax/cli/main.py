@@ -310,21 +310,8 @@ def cmd_eval(args) -> int:
   if args.teacher is not None and not args.no_teacher:
     _check_run_dir(args.teacher, lm=False)
   from kdjax.cli import _eval  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
-  run = _models.read_run(args.run_dir)
-  if args.set:
-    # Overrides apply to the run's own config (eval.*, data.max_eval_examples).
-    run.config = cfg.load_config([os.path.join(run.path, _models.CONFIG_FILE)],
-                                 args.set)
-  teacher = None
-  teacher_dir = args.teacher
-  if teacher_dir is None and not args.no_teacher:
-    default = run.meta.get("teacher_run")
-    if default and _models.is_run_dir(default):
-      teacher_dir = default
-  if teacher_dir is not None and not args.no_teacher:
-    teacher = _models.read_run(teacher_dir)
-  _eval.evaluate_run(run, teacher)
+  _eval.evaluate_run_dir(args.run_dir, teacher_dir=args.teacher,
+                         no_teacher=args.no_teacher, overrides=args.set or ())
   return 0
 
 

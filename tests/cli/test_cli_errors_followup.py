@@ -108,6 +108,18 @@ def test_damaged_run_json_is_1_and_names_the_file(tmp_path, capsys):
   assert "not valid JSON" in line, line
 
 
+def test_damaged_lm_run_json_is_a_run_error(tmp_path):
+  """LM runs read run.json through the same reader: a damaged one is a RunError."""
+  from kdjax.cli import _lm_models  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "lm_run"
+  run.mkdir()
+  (run / _lm_models.RUN_META).write_text('{"kind": "lm", "comm')
+  with pytest.raises(errors.RunError, match="not valid JSON"):
+    _lm_models.read_lm_run(str(run))
+  with pytest.raises(errors.MissingRunError, match="kdjax lm train-teacher"):
+    _lm_models.read_lm_run(str(tmp_path / "missing"))
+
+
 def test_run_without_checkpoint_is_a_missing_run(tmp_path, capsys):
   run = _models.read_run(make_run(tmp_path / "run"))
   with pytest.raises(errors.MissingRunError, match="no checkpoint yet"):

@@ -96,7 +96,8 @@ def test_linen_missing_input_key_is_clear():
 def test_nnx_adapter_matches_module_and_captures():
   model = _Nnx(nnx.Rngs(0, dropout=1))
   model.eval()
-  expected = model(jnp.asarray(X))
+  # The reference call sows too: under nnx.capture (the current API).
+  expected, _ = nnx.capture(model, nnx.Intermediate)(jnp.asarray(X))
   apply, variables = models.from_nnx(model, feature_names=("hidden", "body"))
   out = jax.jit(apply)(variables, {"image": X})
   np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-6)
