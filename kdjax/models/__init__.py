@@ -58,5 +58,5 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._adapters": ("from_function", "from_linen", "from_nnx"),
     "._ensemble": ("ensemble_apply",),
     "._output": ("ApplyFn", "ModelOutput", "check_finite_output"),
-    "._reference": ("CNN", "MLP"),
+    "._reference": ("CNN", "MLP", "max_pool_2x2"),
 })

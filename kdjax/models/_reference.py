@@ -5,6 +5,54 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def _pool_even(x):
+  top = jnp.maximum(x[..., 0::2, 0::2, :], x[..., 0::2, 1::2, :])
+  bottom = jnp.maximum(x[..., 1::2, 0::2, :], x[..., 1::2, 1::2, :])
+  return jnp.maximum(top, bottom)
+
+
+def _pool_even_fwd(x):
+  y = _pool_even(x)
+  return y, (x, y)
+
+
+def _pool_even_bwd(res, g):
+  # The whole cotangent goes to the first maximum of each window in row-major
+  # order, as XLA's select-and-scatter (nn.max_pool's gradient) gives it.
+  x, y = res
+  taken = jnp.zeros(y.shape, bool)
+  parts = []
+  for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
+    hit = (x[..., i::2, j::2, :] == y) & ~taken
+    taken = taken | hit
+    parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
+  *lead, h, w, c = y.shape
+  dx = jnp.stack(parts, axis=-2).reshape(*lead, h, w, 2, 2, c)
+  dx = jnp.moveaxis(dx, -3, -4)  # [..., h, 2, w, 2, c]
+  return (dx.reshape(*lead, 2 * h, 2 * w, c),)
+
+
+_pool_even.defvjp(_pool_even_fwd, _pool_even_bwd)
+
+
+def max_pool_2x2(x):
+  """2x2 max pooling, stride 2, NHWC: ``nn.max_pool(x, (2, 2), strides=(2, 2))``.
+
+  The same values and the same gradient (an odd last row or column is
+  dropped, as with VALID padding; in a window with equal maxima the first one
+  in row-major order takes the whole cotangent, as with XLA's
+  select-and-scatter), computed with strided slices and elementwise selects:
+  on XLA:CPU the backward pass takes 1.7 instead of 6.1 ms on
+  ``[128, 28, 28, 8]`` and 4 instead of 47 ms on ``[128, 28, 28, 32]``
+  (BUILD_NOTES.md).
+  """
+  h, w = (x.shape[-3] // 2) * 2, (x.shape[-2] // 2) * 2
+  return _pool_even(x[..., :h, :w, :])
 
 
 class MLP(nn.Module):
@@ -67,7 +115,7 @@ class CNN(nn.Module):
                   name=f"conv_{i}")(x)
       x = nn.relu(self._norm(x, train, f"bn_{i}"))
       self.sow("intermediates", f"block_{i}", x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense, use_bias=not self.batch_norm, dtype=self.dtype,
                  name="dense")(x)
