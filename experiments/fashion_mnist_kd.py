@@ -355,7 +355,7 @@ def parse_args(argv):
   p.add_argument("--teacher-dir", default=teacher_lib.DEFAULT_ARTIFACT,
                  help="the teacher artifact (written by fashion_mnist_teacher.py)")
   p.add_argument("--retrain-teacher", action="store_true",
-                 help="train the teacher anew (about 20-25 min on 2 cores) and "
+                 help="train the teacher anew (about 9 min on 2 cores) and "
                  "write it to --teacher-dir instead of loading it")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   p.add_argument("--student", choices=sorted(STUDENTS), default=d["student"])
