@@ -276,6 +276,7 @@ class LoopResult:
   wall: float
   last_train: dict
   report: dict
+  first_step_s: float = 0.0  # the first step of this invocation (compiles)
 
 
 class TrainingLoop:
@@ -299,20 +300,24 @@ class TrainingLoop:
                                       tc["progress"] and start < job.total)
     self.last_train: dict = {}
     self._t_last = time.perf_counter()
+    self._rate_steps = 0  # steps since _t_last (the throughput's numerator)
 
   def flush(self, step: int) -> None:
     """Fetches the window's summed metrics; logs their mean."""
     window = self.window
     means = window.means()
     now = time.perf_counter()
-    rate = window.local_steps * self.job.batch_size / max(
-        now - self._t_last, 1e-9)
+    # Steps timed since _t_last: the first step (compilation) is left out of
+    # the throughput, unless it is the only step of the record.
+    steps = self._rate_steps or 1
+    elapsed = now - (self._t_last if self._rate_steps else self._t_first)
+    rate = steps * self.job.batch_size / max(elapsed, 1e-9)
     self.last_train = self.logger.log(step, "train", {
         **means, "samples_per_s": rate,
         "lr": float(self.job.schedule(step - 1))})
     self.progress.update(window.local_steps, means["loss"], rate)
     window.reset()
-    self._t_last = now
+    self._t_last, self._rate_steps = now, 0
 
   def save(self, step: int, force: bool = False) -> None:
     """Saves a checkpoint if due (or ``force``), with the metrics window
@@ -331,7 +336,8 @@ class TrainingLoop:
     """The loop, the final eval and save; closes the checkpointer and logs."""
     job = self.job
     status, done, report = 0, self.start, {}
-    t_start = time.perf_counter()
+    t_start = self._t_first = self._t_last = time.perf_counter()
+    first_step_s = 0.0
     try:
       with StopRequest() as stop:
         for step in range(self.start, job.total):
@@ -340,13 +346,19 @@ class TrainingLoop:
                                                job.teacher_variables, batch)
           self.window.add(metrics)
           done = step + 1
+          self._rate_steps += 1
+          if step == self.start:
+            import jax  # pylint: disable=g-import-not-at-top
+            jax.block_until_ready(metrics)
+            self._t_last = time.perf_counter()
+            first_step_s, self._rate_steps = self._t_last - t_start, 0
           if done % self.log_every == 0 or done == job.total:
             self.flush(done)
           if (self.eval_every and done % self.eval_every == 0
               and done < job.total):
             report = self.evaluate(done)
             self.progress.write(f"{job.tag} step {done}: " + fmt(report))
-            self._t_last = time.perf_counter()
+            self._t_last, self._rate_steps = time.perf_counter(), 0
           self.save(done)
           if stop.signum is not None:
             # The window's sums go into the checkpoint, not into a record:
@@ -369,7 +381,8 @@ class TrainingLoop:
       finally:
         self.logger.close()
     return LoopResult(status=status, start=self.start, done=done, wall=wall,
-                      last_train=self.last_train, report=report)
+                      last_train=self.last_train, report=report,
+                      first_step_s=first_step_s)
 
 
 def run(job: Job, ckpt, out: Callable[[str], None] = print) -> int:
@@ -397,12 +410,17 @@ def finish(job: Job, result: LoopResult, ckpt,
   start, total, wall = result.start, job.total, result.wall
   if start < total:
     trained = total - start
-    out(f"{job.tag} trained steps {start}..{total} in {wall:.1f} s "
-        f"({trained * job.batch_size / max(wall, 1e-9):,.0f} samples/s); "
+    first = result.first_step_s
+    if trained > 1 and wall > first:
+      rate = (f"first step {first:.1f} s with compilation, then "
+              f"{(trained - 1) * job.batch_size / (wall - first):,.0f} samples/s")
+    else:
+      rate = f"{trained * job.batch_size / max(wall, 1e-9):,.0f} samples/s"
+    out(f"{job.tag} trained steps {start}..{total} in {wall:.1f} s ({rate}); "
         f"final train loss {result.last_train.get('loss', float('nan')):.4f}")
     summary = {"command": job.command, "model": job.model,
                "method": job.method, "step": total, "resumed_from": start,
-               "wall_s": wall,
+               "wall_s": wall, "first_step_s": result.first_step_s,
                "train": {k: v for k, v in result.last_train.items()
                          if k != "split"},
                "eval": result.report}

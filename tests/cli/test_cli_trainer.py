@@ -89,3 +89,17 @@ def test_check_objective_turns_a_rejected_hparam_into_a_config_error():
   with pytest.raises(ConfigError, match=r"distill.hparams.*beta"):
     _trainer.check_objective(trace, "jsd")
   _trainer.check_objective(lambda: None, "jsd")  # nothing raised: fine
+
+
+def test_throughput_leaves_the_compiling_first_step_out(tmp_path):
+  """summary.json times the first step apart; the closing line says so."""
+  rc, out = _run(_args(tmp_path, "timed"))
+  assert rc == 0, out
+  with open(tmp_path / "timed" / _trainer.SUMMARY_FILE) as f:
+    summary = json.load(f)
+  assert 0 < summary["first_step_s"] < summary["wall_s"]
+  line = next(l for l in out.splitlines() if "trained steps 0..4" in l)
+  assert "first step" in line and "with compilation, then" in line
+  with open(tmp_path / "timed" / "metrics.jsonl") as f:
+    train = [json.loads(l) for l in f if '"train"' in l]
+  assert len(train) == 2 and all(r["samples_per_s"] > 0 for r in train)
