@@ -81,3 +81,13 @@ def test_cnn_uses_it_and_matches_flax_pooling():
 
   np.testing.assert_allclose(np.asarray(cnn.apply(variables, x)),
                              np.asarray(reference(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_equals_flax():
+  """jax.jvp works (a custom JVP, so jacfwd and hessians work too)."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.integers(0, 3, size=(1, 4, 4, 2)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  _, ours = jax.jvp(models.max_pool_2x2, (x,), (t,))
+  _, flax = jax.jvp(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2)), (x,), (t,))
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(flax))
