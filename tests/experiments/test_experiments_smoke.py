@@ -134,6 +134,15 @@ def test_method_comparison_rejects_unknown_method(env):
          str(env["root"] / "work")])
 
 
+def test_ensemble_born_again_refuses_the_single_artifact_teacher(env):
+  argv = ["--smoke", "--teacher", "artifact", "--data-dir", env["data_dir"],
+          "--workdir", str(env["root"] / "work"),
+          "--out-dir", str(env["root"] / "refused")]
+  with pytest.raises(SystemExit, match="trains its own teachers"):
+    env["scripts"]["ensemble_born_again"].main(argv)
+  assert not (env["root"] / "refused" / "ensemble_born_again.json").exists()
+
+
 def test_ensemble_born_again_smoke(env):
   _, saved = _run(env, "ensemble_born_again")
   ens = saved["ensemble"]
