@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import yaml
 
+import _killed_runs
 from kdjax.cli import _data
 from kdjax.cli import _models
 from kdjax.cli.main import main
@@ -320,6 +321,13 @@ def test_resume_after_sigkill(flow):
   run_dir = flow["runs"] / "killed"
   assert sorted(os.listdir(run_dir / "checkpoints")) == ["8"]
   assert [r["step"] for r in records(run_dir, "train")] == [4, 8, 12]
+  # Where a difference would come from: steps 1-8 (the killed process vs this
+  # one) or the resumed steps 9-16 (tests/cli/test_resume_exact.py repeats
+  # this in fresh processes, under load).
+  straight_8 = _killed_runs.state_at(flow["runs"] / "student_kd", 8)
+  killed_8 = _killed_runs.state_at(run_dir, 8)
+  assert not _killed_runs.differing_leaves(killed_8, straight_8), (
+      "steps 1-8 of the killed run differ from the straight run's")
   rc, out, err = run_main(args)
   assert rc == 0, out + err
   assert "resuming" in out and "from step 8" in out
