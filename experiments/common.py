@@ -17,8 +17,10 @@ otherwise.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -464,7 +466,69 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
                     + "|"] + [line(r) for r in rows])
 
 
+# CPU features that select XLA:CPU's kernels: YNNPACK picks its dot kernels
+# from these at run time (BUILD_NOTES.md, "Reproducibility").
+_KERNEL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw",
+                 "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile")
+
+
+def host_info() -> dict:
+  """Where a result was computed: the CPU (model, family/model numbers,
+  kernel-selecting features, cache sizes), the core count, jax/jaxlib and
+  XLA_FLAGS. Results are bit-reproducible only between equal entries."""
+  cpu = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("model name", "cpu family", "model", "flags") and key not in cpu:
+          cpu[key] = value
+        if not line.strip() and cpu:
+          break
+  except OSError:
+    pass
+  caches = {}
+  for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+    try:
+      with open(os.path.join(index, "level")) as f:
+        level = f.read().strip()
+      with open(os.path.join(index, "type")) as f:
+        kind = f.read().strip()
+      with open(os.path.join(index, "size")) as f:
+        caches[f"L{level} {kind}"] = f.read().strip()
+    except OSError:
+      continue
+  flags = set(cpu.get("flags", "").split())
+  return {"cpu": cpu.get("model name", platform.processor()),
+          "cpu_family": cpu.get("cpu family"), "cpu_model": cpu.get("model"),
+          "kernel_flags": [f for f in _KERNEL_FLAGS if f in flags],
+          "caches_per_core": caches, "cpu_count": os.cpu_count(),
+          "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(
+              jax.lib, "__version__") else None,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "commit": _git_commit()}
+
+
+def _git_commit() -> Optional[str]:
+  """The checkout's commit (``+`` if it has uncommitted changes), or None."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                          capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "kdjax",
+                            "experiments"], cwd=root, capture_output=True,
+                           text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if head.returncode:
+    return None
+  return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def write_json(path: str, payload: dict) -> None:
+  payload = {**payload, "host": payload.get("host") or host_info()}
   with open(path, "w") as f:
     json.dump(payload, f, indent=1, default=_json_default)
   print(f"results: {path}", flush=True)

@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -267,27 +268,85 @@ def fmt(values: Sequence[float], signed: bool = False) -> str:
   return mean if s["n"] == 1 else f"{mean} ± {s['std']:.2f}"
 
 
+def student_t_two_sided_p(t: float, df: int) -> float:
+  """``P(|T| >= |t|)`` for Student's t with integer ``df`` (the closed form of
+  Abramowitz & Stegun 26.7.3-4; exact, no scipy)."""
+  theta = math.atan(abs(t) / math.sqrt(df))
+  c, sn = math.cos(theta), math.sin(theta)
+  if df % 2:  # odd
+    term, total = c, c if df > 1 else 0.0
+    for k in range(3, df - 1, 2):
+      term *= (k - 1) / k * c * c
+      total += term
+    inside = 2 / math.pi * (theta + sn * total)
+  else:
+    term, total = 1.0, 1.0
+    for k in range(2, df, 2):
+      term *= (k - 1) / k * c * c
+      total += term
+    inside = sn * total
+  return min(1.0, max(0.0, 1.0 - inside))
+
+
+def student_t_quantile(q: float, df: int) -> float:
+  """The ``q`` quantile (``q > 0.5``) of Student's t with integer ``df``,
+  by bisection on :func:`student_t_two_sided_p`."""
+  lo, hi = 0.0, 1e3
+  for _ in range(200):
+    mid = (lo + hi) / 2
+    if student_t_two_sided_p(mid, df) / 2 > 1 - q:
+      lo = mid
+    else:
+      hi = mid
+  return (lo + hi) / 2
+
+
 def paired_gain(alone: Sequence[float], other: Sequence[float]) -> dict:
-  """The per-seed gain ``other - alone`` (points): mean, std, and mean / std."""
-  g = 100 * (np.asarray(other) - np.asarray(alone))
-  std = float(g.std(ddof=1)) if len(g) > 1 else 0.0
-  return {"mean": float(g.mean()), "std": std,
-          "sigmas": float(g.mean() / std) if std > 0 else float("inf"),
-          "per_seed": [float(x) for x in g]}
+  """The per-seed gain ``other - alone`` (points): mean, std, the paired t
+  (df = seeds - 1), its one-sided p (H1: gain > 0) and the 95% confidence
+  interval of the mean gain (two-sided t interval).
+
+  The interval covers seed-to-seed variation only: one teacher, one fixed
+  test set (see BUILD_NOTES.md, "Reproducibility")."""
+  g = 100 * (np.asarray(other, np.float64) - np.asarray(alone, np.float64))
+  n = len(g)
+  mean = float(g.mean())
+  std = float(g.std(ddof=1)) if n > 1 else 0.0
+  out = {"mean": mean, "std": std, "per_seed": [float(x) for x in g],
+         "t": None, "df": n - 1, "p_one_sided": None, "ci95": None}
+  if n > 1 and std > 0:
+    t = mean / (std / math.sqrt(n))
+    p_two = student_t_two_sided_p(t, n - 1)
+    half = student_t_quantile(0.975, n - 1) * std / math.sqrt(n)
+    out.update(t=t, p_one_sided=p_two / 2 if t > 0 else 1 - p_two / 2,
+               ci95=[mean - half, mean + half])
+  return out
+
+
+def fmt_test(gain: Optional[dict]) -> tuple[str, str]:
+  """``("t = 6.53, p = 0.0014", "[+0.44, +1.09]")`` cells of a paired gain."""
+  if gain is None:
+    return "—", "—"
+  if gain["t"] is None:
+    return "— (one seed)", "—"
+  lo, hi = gain["ci95"]
+  return (f"t = {gain['t']:.2f}, p = {gain['p_one_sided']:.2g}",
+          f"[{lo:+.2f}, {hi:+.2f}]")
 
 
 def print_table(rows: list[dict]) -> str:
   header = ("| training set | run | epochs | T, w | test accuracy (%) "
-            "| paired gain (points) | gain / std | agreement (%) |")
-  lines = [header, "|---|---|---|---|---|---|---|---|"]
+            "| paired gain (points) | paired t, one-sided p | 95% CI of the gain "
+            "| agreement (%) |")
+  lines = [header, "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     gain = ("—" if r["gain"] is None else
             f"{r['gain']['mean']:+.2f} ± {r['gain']['std']:.2f}")
-    sig = "—" if r["gain"] is None else f"{r['gain']['sigmas']:.1f}σ"
+    test, interval = fmt_test(r["gain"])
     kd = "—" if not r.get("kd") else (
         f"{r['kd']['temperature']:g}, {r['kd']['kd_weight']:g}")
     lines.append(f"| {r['regime']} | {r['run']} | {r.get('epochs', '—')} | {kd} "
-                 f"| {fmt(r['accuracy'])} | {gain} | {sig} "
+                 f"| {fmt(r['accuracy'])} | {gain} | {test} | {interval} "
                  f"| {fmt(r['agreement'])} |")
   text = "\n".join(lines)
   print(text, flush=True)

@@ -1,0 +1,104 @@
+"""The main job's statistics (paired t, one-sided p, 95% CI) and what its
+committed readings say about reproducing the table elsewhere.
+
+Every reading of the main job (experiments/results/fashion_mnist_kd*.json
+written by ``python experiments/fashion_mnist_kd.py``) records the machine
+and code it came from; bits repeat only on the same CPU, flags and code
+(BUILD_NOTES.md, "Reproducibility"). What must hold across readings is the
+README's claim: each reading's mean full-set gain lies inside the 95%
+interval of the others.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+
+import jax  # noqa: F401  (imported before experiments/ joins sys.path)
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+RESULTS = os.path.join(REPO_ROOT, "experiments", "results")
+
+
+@pytest.fixture(scope="module")
+def main_job():
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
+  spec = importlib.util.spec_from_file_location(
+      "fashion_mnist_kd", os.path.join(REPO_ROOT, "experiments",
+                                       "fashion_mnist_kd.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# Student's t table values (two-sided 95%: the 0.975 quantile).
+@pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027),
+                                          (4, 2.7764), (9, 2.2622),
+                                          (14, 2.1448)])
+def test_t_quantiles_match_the_table(main_job, df, quantile):
+  assert main_job.student_t_quantile(0.975, df) == pytest.approx(
+      quantile, abs=1e-4)
+
+
+def test_t_p_values_match_scipy(main_job):
+  stats = pytest.importorskip("scipy.stats")
+  for t in (0.3, 1.0, 2.5, 6.53, 12.0):
+    for df in (1, 2, 3, 4, 7, 14):
+      assert main_job.student_t_two_sided_p(t, df) == pytest.approx(
+          2 * stats.t.sf(t, df), rel=1e-9, abs=1e-12)
+
+
+def test_paired_gain_of_the_audit(main_job):
+  # The per-seed gains of the session-5 table: the audit's t 6.53, one-sided
+  # p 0.0014, 95% CI [0.44, 1.09].
+  alone = [0.9] * 5
+  distilled = [0.9 + g / 100 for g in (0.88, 1.09, 0.50, 0.49, 0.86)]
+  g = main_job.paired_gain(alone, distilled)
+  assert g["t"] == pytest.approx(6.53, abs=0.01)
+  assert g["p_one_sided"] == pytest.approx(0.00142, abs=1e-5)
+  assert g["ci95"] == pytest.approx([0.44, 1.09], abs=0.01)
+  assert main_job.fmt_test(g) == ("t = 6.53, p = 0.0014", "[+0.44, +1.09]")
+
+
+# The options that define the full-set arms: readings that agree on them are
+# the same experiment (on another machine or code version).
+SAME_EXPERIMENT = ("retrain_teacher", "seeds", "student", "temperature",
+                   "kd_weight", "full_epochs", "alone_full_epochs",
+                   "batch_size", "lr", "max_train", "max_test")
+
+
+def _readings() -> list[tuple[str, dict]]:
+  with open(os.path.join(RESULTS, "fashion_mnist_kd.json")) as f:
+    reference = json.load(f)["args"]
+  out = []
+  for path in sorted(glob.glob(os.path.join(RESULTS, "fashion_mnist_kd*.json"))):
+    with open(path) as f:
+      payload = json.load(f)
+    if any(payload["args"].get(k) != reference.get(k) for k in SAME_EXPERIMENT):
+      continue
+    row = next((r for r in payload["rows"] if r["regime"].startswith("full")
+                and r["run"] == "distilled"), None)
+    if row is not None and len(row["gain"]["per_seed"]) > 1:
+      out.append((os.path.basename(path), row["gain"]["per_seed"]))
+  return out
+
+
+def test_each_reading_lies_in_the_others_interval(main_job):
+  readings = _readings()
+  assert len(readings) >= 2, readings
+  for name, gains in readings:
+    mean = sum(gains) / len(gains)
+    for other, other_gains in readings:
+      g = main_job.paired_gain([0.0] * len(other_gains),
+                               [x / 100 for x in other_gains])
+      lo, hi = g["ci95"]
+      assert lo <= mean <= hi, (
+          f"{name}'s mean gain {mean:+.2f} lies outside {other}'s 95% CI "
+          f"[{lo:+.2f}, {hi:+.2f}]")
+      assert math.isfinite(mean)
