@@ -30,9 +30,10 @@ def main_job():
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
   spec = importlib.util.spec_from_file_location(
-      "fashion_mnist_kd", os.path.join(REPO_ROOT, "experiments",
+      "fashion_mnist_kd_statistics", os.path.join(REPO_ROOT, "experiments",
                                        "fashion_mnist_kd.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
