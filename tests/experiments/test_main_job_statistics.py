@@ -27,15 +27,21 @@ RESULTS = os.path.join(REPO_ROOT, "experiments", "results")
 
 @pytest.fixture(scope="module")
 def main_job():
+  """experiments/fashion_mnist_kd.py as a module (sys.path and sys.modules
+  restored afterwards, as tests/experiments/test_experiments_smoke.py does)."""
   import sys  # pylint: disable=g-import-not-at-top
+  saved_path, saved_modules = list(sys.path), set(sys.modules)
   sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
   spec = importlib.util.spec_from_file_location(
       "fashion_mnist_kd_statistics", os.path.join(REPO_ROOT, "experiments",
-                                       "fashion_mnist_kd.py"))
+                                                  "fashion_mnist_kd.py"))
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
-  return module
+  yield module
+  sys.path[:] = saved_path
+  for name in set(sys.modules) - saved_modules:
+    del sys.modules[name]
 
 
 # Student's t table values (two-sided 95%: the 0.975 quantile).
