@@ -3,15 +3,18 @@
 ``build_teacher_cache`` runs the teacher once over a dataset and stores its
 (top-k or full) logits and named features next to the examples, in ``.npz``
 shards with a JSON manifest fingerprinting the teacher, the dataset and ``k``;
-``open_teacher_cache`` verifies the fingerprint; ``make_cached_train_step``
-trains the student from the cache with no teacher in memory.
+``open_teacher_cache`` verifies the fingerprint; ``check_loss_compatible``
+checks a loss against it (a top-k cache's temperature);
+``make_cached_train_step`` trains the student from the cache with no teacher
+in memory.
 """
 
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._build": ("build_teacher_cache",),
-    "._cache": ("CacheMismatchError", "TeacherCache", "open_teacher_cache"),
+    "._cache": ("CacheMismatchError", "TeacherCache", "check_loss_compatible",
+        "open_teacher_cache"),
     "._fingerprint": ("fingerprint_dataset", "fingerprint_tree"),
     "._teacher_output": ("CachedTeacherOutput", "cached_teacher_apply"),
     "._train": ("make_cached_train_step", "top_k_term"),

@@ -241,3 +241,32 @@ def open_teacher_cache(path: str, *,
                dataset_fingerprint=dataset_fingerprint, k=k,
                temperature=temperature)
   return cache
+
+
+def check_loss_compatible(cache: TeacherCache, loss_fn: Any) -> None:
+  """Checks that ``loss_fn`` can be trained from ``cache``; builds nothing.
+
+  A top-k cache stores ``logsumexp(logits / T)`` at the cache's temperature
+  (the tail mass of each row), so a loss with a constant temperature must
+  use that one. A full-logit cache (``k=None``) works at any temperature, and
+  a temperature schedule (a callable of the step) cannot be checked before
+  the run. :func:`kdjax.cache.make_cached_train_step` calls this; so does the
+  ``kdjax distill`` command for a cached teacher.
+
+  Args:
+    cache: an opened :class:`TeacherCache`.
+    loss_fn: the objective (a ``kdjax.losses.ComposedLoss``; only its
+      ``temperature`` is read).
+
+  Raises:
+    ValueError: the loss's temperature differs from a top-k cache's.
+  """
+  temperature = getattr(loss_fn, "temperature", None)
+  if (cache.k is not None and temperature is not None
+      and not callable(temperature)
+      and abs(float(temperature) - cache.temperature) > 1e-6):
+    raise ValueError(
+        f"the loss uses temperature {float(temperature)} but the top-k teacher "
+        f"cache at {cache.path!r} stores logsumexp at temperature "
+        f"{cache.temperature}; rebuild the cache at that temperature (or with "
+        "k=None: full logits work at any temperature).")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from kdjax.cache._format import TEACHER_KEY
 from kdjax.losses import TopKTeacher
-from kdjax.train._step import READS_TEACHER_FROM_BATCH
+from kdjax.train import reads_teacher_from_batch
 
 
 @flax.struct.dataclass
@@ -96,5 +96,4 @@ def cached_teacher_apply(*, num_classes: int, temperature: float = 1.0,
     return CachedTeacherOutput(top_k=top, features=features,
                                num_classes=num_classes)
 
-  setattr(apply, READS_TEACHER_FROM_BATCH, True)
-  return apply
+  return reads_teacher_from_batch(apply)

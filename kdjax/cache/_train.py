@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import chex
 import optax
 
 from kdjax.cache._cache import TeacherCache
+from kdjax.cache._cache import check_loss_compatible
 from kdjax.losses import TermInputs
 from kdjax.losses import top_k_divergence
 from kdjax.losses import top_k_teacher
-from kdjax.train._step import make_train_step
+from kdjax.train import StepOptions
+from kdjax.train import make_train_step
 
 
 def top_k_term(*,
@@ -62,26 +64,19 @@ def make_cached_train_step(student_apply,
                            cache: TeacherCache,
                            loss_fn,
                            optimizer: optax.GradientTransformation,
-                           **step_kwargs):
+                           options: Optional[StepOptions] = None,
+                           **step_kwargs: Any):
   """The train step of offline distillation: the teacher's outputs come from the batch.
 
+  :func:`check_loss_compatible` (``cache``, ``loss_fn``), then
   ``make_train_step(student_apply, cache.teacher_apply(), loss_fn,
-  optimizer, **step_kwargs)``: call it as ``step(state, None, batch)`` with
-  batches from ``cache.batches(...)``; no teacher is in memory. A top-k cache
-  stores ``logsumexp(logits / T)`` at the cache's temperature, so a constant
-  loss temperature must equal it (checked here).
+  optimizer, options, **step_kwargs)`` (``donate``, ``jit`` and
+  :class:`kdjax.train.StepOptions` fields): call it as ``step(state, None,
+  batch)`` with batches from ``cache.batches(...)``; no teacher is in memory.
 
   Raises:
     ValueError: the loss's temperature differs from a top-k cache's.
   """
-  temperature = getattr(loss_fn, "temperature", None)
-  if (cache.k is not None and temperature is not None
-      and not callable(temperature)
-      and abs(float(temperature) - cache.temperature) > 1e-6):
-    raise ValueError(
-        f"the loss uses temperature {float(temperature)} but the top-k teacher "
-        f"cache at {cache.path!r} stores logsumexp at temperature "
-        f"{cache.temperature}; rebuild the cache at that temperature (or with "
-        "k=None: full logits work at any temperature).")
+  check_loss_compatible(cache, loss_fn)
   return make_train_step(student_apply, cache.teacher_apply(), loss_fn,
-                         optimizer, **step_kwargs)
+                         optimizer, options, **step_kwargs)

@@ -306,9 +306,7 @@ def build_objective(config: Mapping[str, Any], spec, student: Student,
                      **spec.train_step_kwargs())
   if teacher.kind == "cache":
     from kdjax import cache as kcache  # pylint: disable=g-import-not-at-top
-    # Checks the loss's temperature against a top-k cache's.
-    kcache.make_cached_train_step(student.apply, teacher.cache, loss_fn,
-                                  optimizer, jit=False, **step_kwargs)
+    kcache.check_loss_compatible(teacher.cache, loss_fn)
   raw_step = ktrain.build_step_fn(student.apply, teacher_apply, loss_fn,
                                   optimizer, **step_kwargs)
   train_step = _trainer.finalize(

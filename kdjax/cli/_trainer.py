@@ -94,8 +94,8 @@ def finalize(step: Callable, *, checks: bool) -> Callable:
   checkified first, so that its ``checkify`` checks raise ``ValueError`` /
   ``FloatingPointError`` (``kdjax.train.make_train_step(checks=True)``)."""
   # pylint: disable-next=g-import-not-at-top
-  from kdjax.train._step import finalize_step
-  return finalize_step(step, jit=True, donate=True, check=checks)
+  from kdjax.train import compile_step
+  return compile_step(step, jit=True, donate=True, checks=checks)
 
 
 def check_objective(trace: Callable[[], Any], method: str) -> None:

@@ -14,7 +14,8 @@ generalised JSD with ``beta``, ``"skew_kl"``/``"skew_reverse_kl"`` with
 Padding never dilutes the mean. With gradient accumulation the step weights
 micro-batch ``i`` by ``N_i / N`` (``kdjax.train``'s ``accumulation_weighting``
 on the mask), so micro-batches of uneven token counts give the full batch's
-gradient: :func:`make_lm_train_step` sets that up.
+gradient: :func:`lm_step_options` sets that up, for :func:`make_lm_train_step`
+and every other LM step.
 
 Vocabularies
 ------------
@@ -32,7 +33,7 @@ divergence.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import chex
 import jax.numpy as jnp
@@ -196,35 +197,48 @@ def token_ce_term(*, vocab_size: Optional[int] = None,
   return term
 
 
+def lm_step_options(options: Optional[train.StepOptions] = None,
+                    **option_fields: Any) -> train.StepOptions:
+  """:class:`kdjax.train.StepOptions` for token losses.
+
+  Without ``options``: ``StepOptions(mask_key="loss_mask",
+  accumulation_weighting="mask")``, so that gradient accumulation (and a
+  pmap step's devices) weight micro-batch ``i`` by its share of unmasked
+  tokens ``N_i / N`` and every token counts once whatever micro-batch it
+  lands in. ``options`` given are used as they are; ``option_fields`` change
+  either.
+  """
+  if options is None:
+    options = train.StepOptions(mask_key=MASK_KEY,
+                                accumulation_weighting="mask")
+  return train.StepOptions.of(options, **option_fields)
+
+
 def make_lm_train_step(student_apply, teacher_apply, loss_fn,
                        optimizer: optax.GradientTransformation,
+                       options: Optional[train.StepOptions] = None,
                        *,
-                       mask_key: str = MASK_KEY,
-                       accumulation_steps: int = 1,
-                       **step_kwargs):
-  """``kdjax.train.make_train_step`` set up for token losses.
+                       donate: bool = True,
+                       jit: bool = True,
+                       **option_fields: Any):
+  """``kdjax.train.make_train_step`` with :func:`lm_step_options`.
 
   Gradient accumulation weights micro-batch ``i`` by its share of unmasked
-  tokens ``N_i / N`` (``accumulation_weighting="mask"`` on ``batch[mask_key]``),
-  so every token counts once whatever the micro-batch it lands in. Call as
-  ``step(state, teacher_variables, batch)``.
+  tokens ``N_i / N`` (``accumulation_weighting="mask"`` on
+  ``batch["loss_mask"]``). Call as ``step(state, teacher_variables, batch)``.
   """
-  step_kwargs.setdefault("accumulation_weighting", "mask")
-  return train.make_train_step(student_apply, teacher_apply, loss_fn,
-                               optimizer, mask_key=mask_key,
-                               accumulation_steps=accumulation_steps,
-                               **step_kwargs)
+  return train.make_train_step(
+      student_apply, teacher_apply, loss_fn, optimizer,
+      lm_step_options(options, **option_fields), donate=donate, jit=jit)
 
 
 def build_lm_step_fn(student_apply, teacher_apply, loss_fn,
                      optimizer: optax.GradientTransformation,
-                     *,
-                     mask_key: str = MASK_KEY,
-                     **step_kwargs):
-  """The un-jitted step of :func:`make_lm_train_step` (``kdjax.train.build_step_fn``)."""
-  step_kwargs.setdefault("accumulation_weighting", "mask")
-  return train.build_step_fn(student_apply, teacher_apply, loss_fn, optimizer,
-                             mask_key=mask_key, **step_kwargs)
+                     options: Optional[train.StepOptions] = None,
+                     **option_fields: Any):
+  """The un-jitted step of :func:`make_lm_train_step` (``kdjax.train.build_step``)."""
+  return train.build_step(student_apply, teacher_apply, loss_fn, optimizer,
+                          lm_step_options(options, **option_fields))
 
 
 def token_divergence_sums(student_logits: chex.Array,

@@ -23,15 +23,17 @@ says so. The rollout uses the student's float32 master parameters.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax import train
 from kdjax.lm._distill import MASK_KEY
 from kdjax.lm._distill import build_lm_step_fn
 from kdjax.lm._generate import SamplingConfig
 from kdjax.lm._generate import make_rollout_fn
-from kdjax.train._step import finalize_step
 
 _GKD_SALT = 0x6B64  # "kd": the stream of the on-policy coin and sampling
 
@@ -45,15 +47,40 @@ def _module_of(apply, who: str):
   return module
 
 
+def _after_rollout(inner: Callable, rollout: Callable, *, jit: bool,
+                   donate: bool) -> Callable:
+  """``inner`` (an LM train step) on the batch ``rollout`` returns.
+
+  ``rollout(state, teacher_variables, batch) -> (batch, extra)``; the
+  metrics get ``extra`` (as float32) and ``"tokens"``, the batch's number of
+  loss tokens. With ``jit=False`` the step is returned un-jitted (and
+  unchecked: ``kdjax.train.compile_step`` then checkifies it if ``inner``
+  holds checks).
+  """
+
+  def step(state, teacher_variables, batch):
+    batch, extra = rollout(state, teacher_variables, dict(batch))
+    new_state, metrics = inner(state, teacher_variables, batch)
+    metrics = dict(metrics)
+    for name, value in extra.items():
+      metrics[name] = value.astype(jnp.float32)
+    metrics["tokens"] = jnp.sum(jnp.asarray(batch[MASK_KEY], jnp.float32))
+    return new_state, metrics
+
+  step.kdjax_checks = inner.kdjax_checks
+  return train.compile_step(step, donate=donate) if jit else step
+
+
 def make_gkd_train_step(student_apply, teacher_apply, loss_fn,
                         optimizer: optax.GradientTransformation,
+                        options: Optional[train.StepOptions] = None,
                         *,
                         lmbda: float,
                         sampling: SamplingConfig,
                         rollout_fn=None,
                         donate: bool = True,
                         jit: bool = True,
-                        **step_kwargs):
+                        **option_fields: Any):
   """The GKD step ``step(state, teacher_variables, batch) -> (state, metrics)``.
 
   Args:
@@ -63,14 +90,16 @@ def make_gkd_train_step(student_apply, teacher_apply, loss_fn,
     loss_fn: a ``kdjax.losses.ComposedLoss``, e.g. ``compose([Term("gkd",
       token_kd_term("jsd", beta=0.5))])``.
     optimizer: optax transformation.
+    options: :class:`kdjax.train.StepOptions` (default:
+      :func:`kdjax.lm.lm_step_options`).
     lmbda: probability in ``[0, 1]`` that a step is on-policy (student
       generations); GKD's ``lambda``.
     sampling: the student's :class:`SamplingConfig` (GKD samples at
       temperature ~1 with the prompt's EOS/PAD ids).
     rollout_fn: optional ``rollout(student_variables, batch, rng) -> batch``
       replacing the default KV-cached generation.
-    **step_kwargs: passed to ``kdjax.train.build_step_fn`` (accumulation,
-      policy, ...).
+    donate, jit: as for ``kdjax.train.make_train_step``.
+    **option_fields: ``StepOptions`` fields (accumulation, policy, ...).
 
   ``metrics["on_policy"]`` is 1.0 on an on-policy step. The batch needs
   ``tokens``, ``targets``, ``loss_mask`` and ``prompt_len``.
@@ -81,35 +110,32 @@ def make_gkd_train_step(student_apply, teacher_apply, loss_fn,
     rollout_fn = make_rollout_fn(_module_of(student_apply, "student"),
                                  sampling)
   inner = build_lm_step_fn(student_apply, teacher_apply, loss_fn, optimizer,
-                           **step_kwargs)
+                           options, **option_fields)
 
-  def step(state, teacher_variables, batch):
+  def rollout(state, teacher_variables, batch):
+    del teacher_variables
     coin_key, sample_key = jax.random.split(
         jax.random.fold_in(state.rng, _GKD_SALT))
     on_policy = jax.random.uniform(coin_key) < lmbda
     student_variables = state.student_variables()
-    batch = dict(batch)
     batch = jax.lax.cond(
         on_policy,
         lambda b: rollout_fn(student_variables, b, sample_key),
         lambda b: b, batch)
-    new_state, metrics = inner(state, teacher_variables, batch)
-    metrics = dict(metrics)
-    metrics["on_policy"] = on_policy.astype(jnp.float32)
-    metrics["tokens"] = jnp.sum(jnp.asarray(batch[MASK_KEY], jnp.float32))
-    return new_state, metrics
+    return batch, {"on_policy": on_policy}
 
-  return finalize_step(step, jit=jit, donate=donate, check=False)
+  return _after_rollout(inner, rollout, jit=jit, donate=donate)
 
 
 def make_sequence_kd_step(student_apply, teacher_apply, loss_fn,
                           optimizer: optax.GradientTransformation,
+                          options: Optional[train.StepOptions] = None,
                           *,
                           sampling: SamplingConfig,
                           rollout_fn=None,
                           donate: bool = True,
                           jit: bool = True,
-                          **step_kwargs):
+                          **option_fields: Any):
   """Sequence-level KD (Kim & Rush 2016): train on the teacher's generations.
 
   ``step(state, teacher_variables, batch)``: the teacher continues each prompt
@@ -118,19 +144,16 @@ def make_sequence_kd_step(student_apply, teacher_apply, loss_fn,
   (typically ``token_ce_term`` on the generated targets, optionally plus
   ``token_kd_term``) on the generated batch. To generate once and reuse the
   sequences over epochs, jit :func:`kdjax.lm.make_rollout_fn` yourself.
+  ``options`` and ``**option_fields`` as for :func:`make_gkd_train_step`.
   """
   if rollout_fn is None:
     rollout_fn = make_rollout_fn(_module_of(teacher_apply, "teacher"),
                                  sampling)
   inner = build_lm_step_fn(student_apply, teacher_apply, loss_fn, optimizer,
-                           **step_kwargs)
+                           options, **option_fields)
 
-  def step(state, teacher_variables, batch):
+  def rollout(state, teacher_variables, batch):
     sample_key = jax.random.fold_in(state.rng, _GKD_SALT + 1)
-    batch = rollout_fn(teacher_variables, dict(batch), sample_key)
-    new_state, metrics = inner(state, teacher_variables, batch)
-    metrics = dict(metrics)
-    metrics["tokens"] = jnp.sum(jnp.asarray(batch[MASK_KEY], jnp.float32))
-    return new_state, metrics
+    return rollout_fn(teacher_variables, batch, sample_key), {}
 
-  return finalize_step(step, jit=jit, donate=donate, check=False)
+  return _after_rollout(inner, rollout, jit=jit, donate=donate)

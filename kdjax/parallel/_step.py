@@ -12,8 +12,9 @@ from jax.sharding import Mesh
 
 from kdjax.parallel import _mesh
 from kdjax.parallel._mesh import ShardingRules
-from kdjax.train._step import build_step_fn
-from kdjax.train._step import finalize_step
+from kdjax.train import StepOptions
+from kdjax.train import build_step
+from kdjax.train import compile_step
 
 
 def _abstract(tree: Any) -> Any:
@@ -25,6 +26,7 @@ def make_sharded_train_step(student_apply,
                             teacher_apply,
                             loss_fn,
                             optimizer,
+                            options: Optional[StepOptions] = None,
                             *,
                             mesh: Mesh,
                             state: Any,
@@ -34,7 +36,8 @@ def make_sharded_train_step(student_apply,
                             **step_kwargs):
   """A distillation step jitted over ``mesh`` with explicit in/out shardings.
 
-  The step is :func:`kdjax.train.make_train_step` 's, compiled with
+  The step is :func:`kdjax.train.build_step` 's, compiled
+  (:func:`kdjax.train.compile_step`) with
   ``in_shardings = (state_sharding, teacher_sharding, batch_sharding)`` and
   ``out_shardings = (state_sharding, replicated metrics)``. The batch's
   leading axis is split over ``rules.batch_axes`` (data parallelism: each
@@ -44,8 +47,8 @@ def make_sharded_train_step(student_apply,
   shard. The teacher follows ``rules.teacher_axis``, independently.
 
   Args:
-    student_apply, teacher_apply, loss_fn, optimizer: as for
-      ``make_train_step``.
+    student_apply, teacher_apply, loss_fn, optimizer, options: as for
+      ``kdjax.train.make_train_step``.
     mesh: from :func:`make_mesh`.
     state: the initial ``DistillState`` (or its ``jax.eval_shape``), used for
       its structure and shapes only.
@@ -53,7 +56,7 @@ def make_sharded_train_step(student_apply,
       step without a teacher (offline cache, student alone).
     rules: :class:`ShardingRules` (default: data parallel over ``"data"``).
     donate: donate the state's buffers.
-    **step_kwargs: ``make_train_step`` options (``policy``,
+    **step_kwargs: :class:`kdjax.train.StepOptions` fields (``policy``,
       ``accumulation_steps``, ``ema_decay``, ``check_teacher_finite``, ...).
 
   Returns:
@@ -64,6 +67,7 @@ def make_sharded_train_step(student_apply,
     does not split over the batch axes raises ``ValueError``. The step has
     attributes ``state_sharding``, ``teacher_sharding``, ``batch_sharding``.
   """
+  options = StepOptions.of(options, **step_kwargs)
   rules = rules or ShardingRules.data_parallel()
   rules.check(mesh)
   state_sh = _mesh.state_sharding(_abstract(state), mesh, rules)
@@ -79,16 +83,11 @@ def make_sharded_train_step(student_apply,
       return jax.tree.map(
           lambda x: jax.lax.with_sharding_constraint(x, replicated), trainable)
 
-  step = build_step_fn(student_apply, teacher_apply, loss_fn, optimizer,
-                       gather_fn=gather_fn, **step_kwargs)
-  check = step_kwargs.get("check_teacher_finite", False)
-  in_shardings = (state_sh, teacher_sh, batch_sh)
-  out_shardings = (state_sh, _mesh.replicated(mesh))
-  if check:  # checkify's error value comes first in the output.
-    out_shardings = (None, out_shardings)
-  jitted = finalize_step(step, jit=True, donate=donate, check=check,
-                         in_shardings=in_shardings,
-                         out_shardings=out_shardings)
+  step = build_step(student_apply, teacher_apply, loss_fn, optimizer, options,
+                    gather_fn=gather_fn)
+  jitted = compile_step(step, donate=donate,
+                        in_shardings=(state_sh, teacher_sh, batch_sh),
+                        out_shardings=(state_sh, _mesh.replicated(mesh)))
 
   @functools.wraps(jitted)
   def run(state, teacher_variables, batch):
@@ -145,6 +144,7 @@ def make_pmap_train_step(student_apply,
                          teacher_apply,
                          loss_fn,
                          optimizer,
+                         options: Optional[StepOptions] = None,
                          *,
                          axis_name: str = "data",
                          devices: Optional[Sequence[jax.Device]] = None,
@@ -159,16 +159,19 @@ def make_pmap_train_step(student_apply,
   single-device full-batch update. The dropout/loss RNG is folded with the
   device index (different masks per device). Stateful loss terms (a CRD
   memory bank) keep a per-device state. New code should prefer
-  :func:`make_sharded_train_step`.
+  :func:`make_sharded_train_step`. ``options`` and ``**step_kwargs``
+  (:class:`kdjax.train.StepOptions` fields) as for
+  ``kdjax.train.make_train_step``; the step's checks are not supported.
 
   Returns:
     ``step(replicated_state, replicated_teacher, split_batch) ->
     (replicated_state, replicated_metrics)``.
   """
-  if step_kwargs.get("check_teacher_finite"):
+  options = StepOptions.of(options, **step_kwargs)
+  if options.check_teacher_finite:
     raise ValueError("check_teacher_finite is not supported by the pmap step; "
                      "use make_sharded_train_step or make_train_step.")
-  step = build_step_fn(student_apply, teacher_apply, loss_fn, optimizer,
-                       axis_name=axis_name, **step_kwargs)
+  step = build_step(student_apply, teacher_apply, loss_fn, optimizer, options,
+                    axis_name=axis_name)
   return jax.pmap(step, axis_name=axis_name, devices=devices,
                   donate_argnums=(0,) if donate else ())

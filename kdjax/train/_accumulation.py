@@ -26,11 +26,14 @@ over the same mask (or every term is unmasked); a term normalised otherwise
 metrics are the same weighted averages. Stateful parts (BatchNorm statistics,
 a CRD memory bank) are threaded through the micro-batches in order, so they
 see ``k`` updates of ``B / k`` examples each.
+
+:func:`accumulate` is that loop; the train step calls it with its gradient
+function when ``StepOptions.accumulation_steps > 1``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import chex
 import jax
@@ -121,3 +124,55 @@ def micro_batch_weights(micro_batches: Any, k: int, weighting: str,
   # A fully masked batch: every micro loss is 0 (the losses' convention), any
   # weights do; avoid 0 / 0.
   return jnp.where(total > 0, counts / jnp.maximum(total, 1e-12), 1.0 / k)
+
+
+def accumulate(grad_fn: Callable[..., tuple[Any, Any, Any]],
+               params: Any,
+               batch: Any,
+               carry: Any,
+               rngs: Any,
+               *,
+               k: int,
+               weighting: str = "auto",
+               mask_key: Optional[str] = "mask") -> tuple[Any, Any, Any]:
+  """The ``n_i / N``-weighted sums of gradients and metrics over ``k`` micro-batches.
+
+  Args:
+    grad_fn: ``grad_fn(micro_batch, carry, rngs, check=True) -> (grads,
+      metrics, carry)``; ``grads`` has the structure of ``params``, ``carry``
+      (model and loss state) is threaded through the micro-batches in order.
+      With ``check=False`` it must leave out its ``checkify`` checks: it is
+      then only traced, for the metrics' shapes.
+    params: the differentiated parameters (for the zero gradient sum).
+    batch: the full batch (every leaf ``[B, ...]``).
+    carry: the state threaded through the micro-batches.
+    rngs: a pytree of PRNG keys; micro-batch ``i`` gets each folded with
+      ``i``.
+    k: the number of micro-batches.
+    weighting, mask_key: see the module docstring.
+
+  Returns:
+    ``(grads, metrics, carry)`` as one full-batch ``grad_fn`` call would.
+  """
+  micro_batches = split_micro_batches(batch, k)
+  weights = micro_batch_weights(micro_batches, k, weighting, mask_key)
+
+  def body(acc, xs):
+    grad_sum, metric_sum, carry = acc
+    micro_batch, weight, i = xs
+    grads, metrics, carry = grad_fn(
+        micro_batch, carry,
+        jax.tree.map(lambda r: jax.random.fold_in(r, i), rngs))
+    grad_sum = jax.tree.map(lambda a, g: a + weight * g, grad_sum, grads)
+    metric_sum = jax.tree.map(lambda a, m: a + weight * m, metric_sum, metrics)
+    return (grad_sum, metric_sum, carry), None
+
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  metric_shapes = jax.eval_shape(
+      lambda: grad_fn(first, carry, rngs, check=False)[1])
+  init = (jax.tree.map(jnp.zeros_like, params),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+          carry)
+  (grads, metrics, carry), _ = jax.lax.scan(
+      body, init, (micro_batches, weights, jnp.arange(k)))
+  return grads, metrics, carry

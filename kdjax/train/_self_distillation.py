@@ -32,6 +32,7 @@ from kdjax.losses import label_term
 from kdjax.losses import logit_term
 from kdjax.losses import _utils
 from kdjax.train._loop import fit
+from kdjax.train._options import StepOptions
 from kdjax.train._state import create_state
 from kdjax.train._step import evaluate
 from kdjax.train._step import make_eval_step
@@ -160,7 +161,8 @@ def mean_teacher_step(student_apply: Callable[..., Any],
   """A mean-teacher train step: the teacher is the EMA of the student's weights.
 
   ``step(state, None, batch) -> (state, metrics)``, built by
-  :func:`kdjax.train.make_train_step` with ``teacher_is_ema=True``. The state
+  :func:`kdjax.train.make_train_step` with ``StepOptions(ema_decay=...,
+  teacher_is_ema=True)``. The state
   must keep an EMA: ``create_state(..., ema=True)``. After each update
   ``ema <- a * ema + (1 - a) * params`` with ``a = ema_decay`` (or, with
   ``warmup_average``, :func:`mean_teacher_decay` of it, as the reference code).
@@ -186,9 +188,9 @@ def mean_teacher_step(student_apply: Callable[..., Any],
     ema_decay = mean_teacher_decay(ema_decay)
   elif not callable(ema_decay):
     _utils.check_unit_interval(ema_decay, "ema_decay")
+  options = StepOptions(ema_decay=ema_decay, teacher_is_ema=True)
   return make_train_step(student_apply, teacher_apply, loss_fn, optimizer,
-                         ema_decay=ema_decay, teacher_is_ema=True,
-                         donate=donate, jit=jit)
+                         options, donate=donate, jit=jit)
 
 
 # -----------------------------------------------------------------------------

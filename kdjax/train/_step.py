@@ -1,4 +1,4 @@
-"""Jitted distillation train and eval steps.
+"""The distillation train step: one pure builder, one compile wrapper; eval steps.
 
 The flow of one batch (see ``shared/DESIGN.md``)::
 
@@ -13,33 +13,35 @@ program (and recompiled for every new teacher). The teacher gets no gradient
 (``stop_gradient``), no optimizer state and no update. The state buffers are
 donated so the update happens in place.
 
-Options of :func:`make_train_step`:
+How a step is built::
 
-* ``policy``: a :class:`kdjax.train.Policy` (mixed precision: bfloat16 teacher
-  and/or student compute, float32 master weights and loss).
-* ``accumulation_steps``: gradient accumulation over micro-batches
-  (``lax.scan``; see ``kdjax/train/_accumulation.py`` for the normalisation of
-  masked token losses).
-* ``checks``: run-time checks of what the losses can only check eagerly on
-  concrete values (``jax.experimental.checkify``; a debug option: each step
-  then waits for the device). A traced temperature ``<= 0`` or label outside
-  ``[0, C)`` raises ``ValueError``, NaN/inf in the teacher's output
-  ``FloatingPointError`` naming the teacher, instead of a NaN loss. Off: the
-  compiled step is unchanged. ``check_teacher_finite`` is the teacher check
-  alone.
-* ``log_grad_norm``: add the student's global gradient norm to the metrics
-  (off by default: it costs an extra pass over the gradients).
+  options = StepOptions(accumulation_steps=2, policy=Policy.bf16_teacher())
+  pure = build_step(student_apply, teacher_apply, loss_fn, optimizer, options)
+  step = compile_step(pure)              # checks, jit + donation (+ shardings)
+  # the same in one call:
+  step = make_train_step(student_apply, teacher_apply, loss_fn, optimizer,
+                         options)        # or ..., accumulation_steps=2, ...)
+
+:class:`kdjax.train.StepOptions` holds what the step does besides the loss:
+gradient accumulation (``lax.scan``; see ``kdjax/train/_accumulation.py`` for
+the normalisation of masked token losses), a mixed-precision ``policy``, an
+EMA of the student, gradient-norm logging and run-time checks. Every other
+step is a thin wrapper of these two functions: the LM step
+(:func:`kdjax.lm.make_lm_train_step`: token-mask options), the offline-cache
+step (:func:`kdjax.cache.make_cached_train_step`: a teacher read from the
+batch), the sharded and pmap steps (``kdjax.parallel``: shardings, a device
+axis), GKD and sequence-level KD (``kdjax.lm``: a rollout before the step)
+and the mean teacher (:func:`kdjax.train.mean_teacher_step`: the EMA as the
+teacher).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental import checkify
 
 from kdjax.losses import ComposedLoss
 from kdjax.losses import evaluate_schedule
@@ -47,17 +49,35 @@ from kdjax.losses import kl_divergence
 from kdjax.losses import runtime_checks
 from kdjax.models import ModelOutput
 from kdjax.train import _accumulation
+from kdjax.train._compile import HOLDS_CHECKS
+from kdjax.train._compile import check_teacher_finite
+from kdjax.train._compile import compile_step
+from kdjax.train._options import StepOptions
 from kdjax.train._precision import Policy
 from kdjax.train._precision import cast_floating
 from kdjax.train._precision import resolve_policy
 from kdjax.train._state import DistillState
 
 ApplyFn = Callable[..., ModelOutput]
+StepFn = Callable[[DistillState, Any, Mapping[str, Any]],
+                  tuple[DistillState, dict]]
 
 # An apply function with this attribute set to True reads the teacher's output
 # from the batch (an offline teacher cache, ``kdjax.cache``): the step then
 # does not cast its "variables" or inputs to the teacher compute dtype.
 READS_TEACHER_FROM_BATCH = "kdjax_reads_teacher_from_batch"
+
+
+def reads_teacher_from_batch(apply_fn: ApplyFn) -> ApplyFn:
+  """Marks a teacher apply function that reads the teacher's outputs from the batch.
+
+  For an offline teacher (``kdjax.cache``): its "variables" are ignored and
+  its outputs were computed before, so the step's precision policy casts
+  neither them nor the batch to the teacher's compute dtype (only its outputs
+  to ``policy.output_dtype``). Returns ``apply_fn`` itself.
+  """
+  setattr(apply_fn, READS_TEACHER_FROM_BATCH, True)
+  return apply_fn
 
 
 def teacher_forward(teacher_apply: ApplyFn,
@@ -83,30 +103,6 @@ def teacher_forward(teacher_apply: ApplyFn,
   return jax.lax.stop_gradient(out)
 
 
-def _floating_leaves(tree) -> list:
-  return [x for x in jax.tree.leaves(tree)
-          if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
-
-
-# The teacher check's message starts so; the step raises FloatingPointError for
-# it and ValueError for the losses' value checks.
-_TEACHER_CHECK_PREFIX = "the teacher "
-
-
-def _check_finite_in_step(output, teacher_name: str, step) -> None:
-  """A checkify check that the teacher's logits and features are finite."""
-  leaves = _floating_leaves((output.logits, output.features))
-  if not leaves:
-    return
-  bad = sum(jnp.sum(~jnp.isfinite(x)) for x in leaves)
-  name = teacher_name.replace("{", "{{").replace("}", "}}")
-  checkify.check(
-      bad == 0,
-      f"{_TEACHER_CHECK_PREFIX}{name!r} produced {{bad}} non-finite (NaN/inf) value(s) in "
-      "its logits/features at step {step}; check its parameters, inputs and "
-      "compute dtype.", bad=bad, step=step)
-
-
 def _match_dtypes(new, old):
   """Casts ``new`` leaves to the dtypes of ``old`` when the trees match."""
   try:
@@ -125,73 +121,118 @@ def _merge_state(old: Any, new: Optional[Any]) -> Any:
           for k, v in merged.items()}
 
 
-def build_step_fn(student_apply: ApplyFn,
-                  teacher_apply: Optional[ApplyFn],
-                  loss_fn: ComposedLoss,
-                  optimizer: optax.GradientTransformation,
-                  *,
-                  ema_decay: Optional[Union[float, Callable]] = None,
-                  teacher_is_ema: bool = False,
-                  accumulation_steps: int = 1,
-                  accumulation_weighting: str = "auto",
-                  mask_key: Optional[str] = "mask",
-                  policy: Optional[Policy] = None,
-                  check_teacher_finite: bool = False,
-                  checks: bool = False,
-                  teacher_name: str = "teacher",
-                  log_grad_norm: bool = False,
-                  axis_name: Optional[str] = None,
-                  gather_fn: Optional[Callable[[Any], Any]] = None):
-  """The un-jitted step function behind :func:`make_train_step`.
+def _mean_over_devices(grads, metrics, model_state, batch,
+                       options: StepOptions, axis_name):
+  """Data parallelism inside ``pmap``/``shard_map``: the global batch's mean.
 
-  Also used by ``kdjax.parallel``: ``axis_name`` (a pmap/shard_map axis) makes
-  the step average gradients, model state and metrics over that axis
-  (``lax.pmean``; with a loss mask, gradients and metrics are weighted by each
-  device's share of the unmasked tokens, so the result is the global token
-  mean) and fold the device index into the dropout RNG;
-  ``gather_fn(trainable) -> trainable`` is applied to the trainable params
-  inside the differentiated function (FSDP: an all-gather as a sharding
-  constraint, whose transpose reduce-scatters the gradients).
-
-  With ``checks`` (or ``check_teacher_finite``) the step holds ``checkify``
-  checks and must be checkified: :func:`finalize_step` does it (the returned
-  function's ``kdjax_checks`` attribute says so).
+  Gradients and metrics are averaged over ``axis_name`` (with a loss mask,
+  weighted by each device's share of the unmasked tokens:
+  :func:`_accumulation.device_weight`), floating model state (BatchNorm
+  statistics) is averaged.
   """
-  if checks and axis_name is not None:
+  share = _accumulation.device_weight(batch, options.accumulation_weighting,
+                                      options.mask_key, axis_name)
+  if share is None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
+  else:  # masked token means: weight each device by its real tokens
+    grads = jax.lax.psum(jax.tree.map(lambda g: share * g, grads), axis_name)
+    metrics = jax.lax.psum(jax.tree.map(lambda m: share * m, metrics),
+                           axis_name)
+  model_state = jax.tree.map(
+      lambda x: jax.lax.pmean(x, axis_name)
+      if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
+  return grads, metrics, model_state
+
+
+def _updated_state(state: DistillState, trainable, grads, model_state,
+                   loss_state, rng, optimizer: optax.GradientTransformation,
+                   ema_decay) -> DistillState:
+  """One optax update of the trainable params (and of the EMA), step + 1."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  ema_params = state.ema_params
+  if ema_decay is not None:
+    decay = evaluate_schedule(ema_decay, state.step)
+    ema_params = optax.incremental_update(trainable["student"], ema_params,
+                                          1.0 - decay)
+  return state.replace(
+      step=state.step + 1, params=trainable["student"],
+      model_state=model_state, loss_params=trainable["loss"],
+      opt_state=opt_state, loss_state=loss_state, rng=rng,
+      ema_params=ema_params)
+
+
+def build_step(student_apply: ApplyFn,
+               teacher_apply: Optional[ApplyFn],
+               loss_fn: ComposedLoss,
+               optimizer: optax.GradientTransformation,
+               options: Optional[StepOptions] = None,
+               *,
+               axis_name: Optional[str] = None,
+               gather_fn: Optional[Callable[[Any], Any]] = None) -> StepFn:
+  """The pure train step ``step(state, teacher_variables, batch) -> (state, metrics)``.
+
+  One step computes the frozen teacher's outputs, the student's, the composed
+  loss ``L = sum_i w_i(step) * term_i``, its gradient with respect to
+  ``{student params, loss-term params}`` and one optax update. Not jitted:
+  :func:`compile_step` (or :func:`make_train_step`, both in one call) makes
+  it the step to call.
+
+  Args:
+    student_apply: the student's apply function (``kdjax.models``).
+    teacher_apply: the teacher's apply function, or ``None`` for a student
+      trained alone (then every loss term must have ``needs_teacher=False``
+      and ``teacher_variables`` is ignored). An offline cache's apply function
+      (``kdjax.cache``) reads the teacher's outputs from the batch.
+    loss_fn: a :class:`kdjax.losses.ComposedLoss`.
+    optimizer: optax transformation over ``{"student", "loss"}`` params.
+    options: a :class:`StepOptions` (default: ``StepOptions()``).
+    axis_name: for ``kdjax.parallel``'s pmap/shard_map steps: average
+      gradients, model state and metrics over this axis (``lax.pmean``; with
+      a loss mask, gradients and metrics are weighted by each device's share
+      of the unmasked tokens, so the result is the global token mean) and
+      fold the device index into the dropout RNG.
+    gather_fn: for ``kdjax.parallel``'s FSDP step: ``gather_fn(trainable) ->
+      trainable`` is applied to the trainable params inside the
+      differentiated function (an all-gather as a sharding constraint, whose
+      transpose reduce-scatters the gradients).
+
+  Returns:
+    The step. ``metrics`` holds the total ``"loss"`` and every term of
+    ``loss_fn`` (unweighted), weights and temperature, as device scalars. With
+    ``options.checks`` (or ``check_teacher_finite``) the step holds
+    ``checkify`` checks and its ``kdjax_checks`` attribute is true:
+    :func:`compile_step` checkifies it.
+  """
+  options = StepOptions.of(options)
+  if options.checks and axis_name is not None:
     raise ValueError("checks=True is not supported by the pmap step; use "
                      "make_sharded_train_step or make_train_step.")
-  check_teacher_finite = check_teacher_finite or checks
-  if teacher_is_ema and ema_decay is None:
-    raise ValueError("teacher_is_ema=True needs ema_decay.")
-  if teacher_apply is None and not teacher_is_ema:
+  if teacher_apply is None and not options.teacher_is_ema:
     needing = [t.name for t in loss_fn.terms if t.needs_teacher]
     if needing:
       raise ValueError(
           f"loss terms {needing} need a teacher but teacher_apply is None.")
-  _accumulation.check_accumulation(accumulation_steps, accumulation_weighting)
-  policy = resolve_policy(policy)
-  k = accumulation_steps
+  policy = resolve_policy(options.policy)
+  teacher_checks = options.teacher_checks
+  k = options.accumulation_steps
 
-  def micro_step(state: DistillState, trainable, teacher_variables, batch,
-                 model_state, loss_state, dropout_rng, loss_rng, check=True):
-    """Gradient and metrics of one (micro-)batch."""
-    if teacher_is_ema:
-      teacher_out = teacher_forward(teacher_apply or student_apply,
-                                    state.ema_variables(), batch, policy=policy)
-    elif teacher_apply is not None:
-      teacher_out = teacher_forward(teacher_apply, teacher_variables, batch,
-                                    policy=policy)
-    else:
-      teacher_out = None
-    if check and check_teacher_finite and teacher_out is not None:
-      _check_finite_in_step(teacher_out, teacher_name, state.step)
-    with runtime_checks(check and checks):
-      return _student_grads(state, trainable, teacher_out, batch, model_state,
-                            loss_state, dropout_rng, loss_rng)
+  def run_teacher(state: DistillState, teacher_variables, batch):
+    """The teacher's output: a model, the student's EMA, or none."""
+    if options.teacher_is_ema:
+      return teacher_forward(teacher_apply or student_apply,
+                             state.ema_variables(), batch, policy=policy)
+    if teacher_apply is not None:
+      return teacher_forward(teacher_apply, teacher_variables, batch,
+                             policy=policy)
+    return None
 
-  def _student_grads(state, trainable, teacher_out, batch, model_state,
-                     loss_state, dropout_rng, loss_rng):
+  def student_grads(state: DistillState, trainable, teacher_out, batch, carry,
+                    rngs):
     """The loss's gradient w.r.t. the trainable params, given the teacher."""
+    model_state, loss_state = carry
+    dropout_rng, loss_rng = rngs
     student_batch = batch if policy is None else policy.student_inputs(batch)
 
     def objective(trainable):
@@ -214,7 +255,7 @@ def build_step_fn(student_apply: ApplyFn,
         objective, has_aux=True)(trainable)
     model_state = _merge_state(model_state, new_model_state)
     loss_state = _merge_state(loss_state, aux.state)
-    return grads, {"loss": loss, **aux.terms}, model_state, loss_state
+    return grads, {"loss": loss, **aux.terms}, (model_state, loss_state)
 
   def step(state: DistillState, teacher_variables: Any,
            batch: Mapping[str, Any]) -> tuple[DistillState, dict]:
@@ -224,198 +265,103 @@ def build_step_fn(student_apply: ApplyFn,
       dropout_rng = jax.random.fold_in(dropout_rng, index)
       loss_rng = jax.random.fold_in(loss_rng, index)
     trainable = state.trainable
+
+    def grad_fn(batch, carry, rngs, check=True):
+      """Gradient, metrics and new (model, loss) state of one (micro-)batch."""
+      teacher_out = run_teacher(state, teacher_variables, batch)
+      if check and teacher_checks and teacher_out is not None:
+        check_teacher_finite(teacher_out, options.teacher_name, state.step)
+      with runtime_checks(check and options.checks):
+        return student_grads(state, trainable, teacher_out, batch, carry,
+                             rngs)
+
+    carry = (state.model_state, state.loss_state)
+    rngs = (dropout_rng, loss_rng)
     if k == 1:
-      grads, metrics, model_state, loss_state = micro_step(
-          state, trainable, teacher_variables, batch, state.model_state,
-          state.loss_state, dropout_rng, loss_rng)
+      grads, metrics, carry = grad_fn(batch, carry, rngs)
     else:
-      micro_batches = _accumulation.split_micro_batches(batch, k)
-      weights = _accumulation.micro_batch_weights(
-          micro_batches, k, accumulation_weighting, mask_key)
-
-      def body(carry, xs):
-        grad_sum, metric_sum, model_state, loss_state = carry
-        micro_batch, weight, i = xs
-        grads, metrics, model_state, loss_state = micro_step(
-            state, trainable, teacher_variables, micro_batch, model_state,
-            loss_state, jax.random.fold_in(dropout_rng, i),
-            jax.random.fold_in(loss_rng, i))
-        grad_sum = jax.tree.map(lambda a, g: a + weight * g, grad_sum, grads)
-        metric_sum = jax.tree.map(lambda a, m: a + weight * m, metric_sum,
-                                  metrics)
-        return (grad_sum, metric_sum, model_state, loss_state), None
-
-      first = jax.tree.map(lambda x: x[0], micro_batches)
-      metric_shapes = jax.eval_shape(
-          lambda: micro_step(state, trainable, teacher_variables, first,
-                             state.model_state, state.loss_state, dropout_rng,
-                             loss_rng, check=False)[1])
-      init = (jax.tree.map(jnp.zeros_like, trainable),
-              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           metric_shapes),
-              state.model_state, state.loss_state)
-      (grads, metrics, model_state, loss_state), _ = jax.lax.scan(
-          body, init, (micro_batches, weights, jnp.arange(k)))
+      grads, metrics, carry = _accumulation.accumulate(
+          grad_fn, trainable, batch, carry, rngs, k=k,
+          weighting=options.accumulation_weighting, mask_key=options.mask_key)
+    model_state, loss_state = carry
     if axis_name is not None:
-      share = _accumulation.device_weight(batch, accumulation_weighting,
-                                          mask_key, axis_name)
-      if share is None:
-        grads = jax.lax.pmean(grads, axis_name)
-        metrics = jax.lax.pmean(metrics, axis_name)
-      else:  # masked token means: weight each device by its real tokens
-        grads = jax.lax.psum(jax.tree.map(lambda g: share * g, grads),
-                             axis_name)
-        metrics = jax.lax.psum(jax.tree.map(lambda m: share * m, metrics),
-                               axis_name)
-      model_state = jax.tree.map(
-          lambda x: jax.lax.pmean(x, axis_name)
-          if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
-    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    ema_params = state.ema_params
-    if ema_decay is not None:
-      decay = evaluate_schedule(ema_decay, state.step)
-      ema_params = optax.incremental_update(trainable["student"], ema_params,
-                                            1.0 - decay)
-    new_state = state.replace(
-        step=state.step + 1, params=trainable["student"],
-        model_state=model_state, loss_params=trainable["loss"],
-        opt_state=opt_state, loss_state=loss_state, rng=rng,
-        ema_params=ema_params)
-    if log_grad_norm:
+      grads, metrics, model_state = _mean_over_devices(
+          grads, metrics, model_state, batch, options, axis_name)
+    new_state = _updated_state(state, trainable, grads, model_state,
+                               loss_state, rng, optimizer, options.ema_decay)
+    if options.log_grad_norm:
       metrics["grad_norm"] = optax.tree.norm(grads["student"])
     return new_state, metrics
 
-  step.kdjax_checks = bool(check_teacher_finite)
+  setattr(step, HOLDS_CHECKS, teacher_checks)
   return step
-
-
-def _throwing(checked_step):
-  """Calls a checkified step and raises on a failed check.
-
-  ``FloatingPointError`` for the teacher's non-finite output, ``ValueError``
-  for the losses' value checks (temperature, labels, ...).
-  """
-
-  @functools.wraps(checked_step)
-  def run(*args, **kwargs):
-    err, out = checked_step(*args, **kwargs)
-    try:
-      err.throw()
-    except checkify.JaxRuntimeError as e:
-      message = str(e).split("\n")[0]
-      if message.startswith(_TEACHER_CHECK_PREFIX):
-        raise FloatingPointError(message) from e
-      raise ValueError(message) from e
-    return out
-
-  run.checked = checked_step
-  return run
-
-
-def finalize_step(step, *, jit: bool, donate: bool, check: bool,
-                  **jit_kwargs):
-  """Wraps a step function: checkify (if ``check``), then ``jax.jit``.
-
-  A step built with checks (:func:`build_step_fn` with ``checks`` or
-  ``check_teacher_finite``) is checkified even when ``check`` is ``False``;
-  its ``out_shardings``, given for the unchecked outputs, then get ``None``
-  for checkify's error value.
-  """
-  if not check and getattr(step, "kdjax_checks", False):
-    check = True
-    if "out_shardings" in jit_kwargs:
-      jit_kwargs["out_shardings"] = (None, jit_kwargs["out_shardings"])
-  if check:
-    step = checkify.checkify(step, errors=checkify.user_checks)
-  if jit:
-    step = jax.jit(step, donate_argnums=(0,) if donate else (), **jit_kwargs)
-  return _throwing(step) if check else step
 
 
 def make_train_step(student_apply: ApplyFn,
                     teacher_apply: Optional[ApplyFn],
                     loss_fn: ComposedLoss,
                     optimizer: optax.GradientTransformation,
+                    options: Optional[StepOptions] = None,
                     *,
-                    ema_decay: Optional[Union[float, Callable]] = None,
-                    teacher_is_ema: bool = False,
                     donate: bool = True,
                     jit: bool = True,
-                    accumulation_steps: int = 1,
-                    accumulation_weighting: str = "auto",
-                    mask_key: Optional[str] = "mask",
-                    policy: Optional[Policy] = None,
-                    check_teacher_finite: bool = False,
-                    checks: bool = False,
-                    teacher_name: str = "teacher",
-                    log_grad_norm: bool = False):
-  """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``.
+                    **option_fields: Any) -> StepFn:
+  """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``, jitted.
 
-  One step computes the frozen teacher's outputs, the student's, the composed
-  loss ``L = sum_i w_i(step) * term_i``, its gradient with respect to
-  ``{student params, loss-term params}`` and one optax update.
+  ``compile_step(build_step(student_apply, teacher_apply, loss_fn,
+  optimizer, options), jit=jit, donate=donate)``: see :func:`build_step` for
+  the step and :class:`StepOptions` for the options. The options may also be
+  given as keywords (``make_train_step(..., accumulation_steps=2,
+  policy=policy, checks=True)``), alone or as changes to ``options``.
 
   Args:
-    student_apply: the student's apply function (``kdjax.models``).
-    teacher_apply: the teacher's apply function, or ``None`` for a student
-      trained alone (then every loss term must have ``needs_teacher=False``
-      and ``teacher_variables`` is ignored). An offline cache's apply function
-      (``kdjax.cache``) reads the teacher's outputs from the batch.
-    loss_fn: a :class:`kdjax.losses.ComposedLoss`.
-    optimizer: optax transformation over ``{"student", "loss"}`` params.
-    ema_decay: if set (float or schedule of the step), ``state.ema_params``
-      tracks ``decay * ema + (1 - decay) * params`` after each update.
-    teacher_is_ema: the teacher is the student's own EMA (mean teacher):
-      ``teacher_variables`` is ignored and ``state.ema_variables()`` is run
-      through ``student_apply`` (or ``teacher_apply`` when given).
+    student_apply, teacher_apply, loss_fn, optimizer: see :func:`build_step`.
+    options: a :class:`StepOptions`.
     donate: donate the state's buffers to the step.
     jit: return the jitted step (``False`` for debugging).
-    accumulation_steps: ``k >= 1``; the batch (leading axis ``B``, divisible
-      by ``k``) is split into ``k`` micro-batches whose gradients are summed
-      with weights ``n_i / N`` in a ``lax.scan`` before one optimizer update.
-      Equal to the full-batch step for mean-reduced losses (see
-      ``kdjax/train/_accumulation.py``).
-    accumulation_weighting: ``"auto"`` (by the mask's total weight per
-      micro-batch when ``batch[mask_key]`` exists, else ``1/k``), ``"mask"``
-      or ``"equal"``.
-    mask_key: the batch key of the (token) mask used by the weighting.
-    policy: a :class:`kdjax.train.Policy` (mixed precision); ``None`` is all
-      float32.
-    check_teacher_finite: check (with ``jax.experimental.checkify``) that the
-      teacher's logits and features are finite; a failure raises
-      ``FloatingPointError`` naming ``teacher_name``. The step then syncs with
-      the device every call: a debugging option. Implied by ``checks``.
-    checks: the step's run-time checks (a debugging option, off by default;
-      off, the compiled step is unchanged). The losses check their arguments
-      eagerly when concrete, but inside the jitted step the temperature (a
-      schedule of the step), the labels and the teacher's output are traced:
-      a bad value would give a NaN (or silently wrong) loss. With
-      ``checks=True`` they are ``jax.experimental.checkify`` checks (the
-      losses' :func:`kdjax.losses.runtime_checks`) and the step raises
-      ``ValueError`` for a temperature ``<= 0`` (or NaN), a label outside
-      ``[0, C)`` (or a negative loss weight, a mixing coefficient outside
-      ``[0, 1]``), and ``FloatingPointError`` naming ``teacher_name`` for
-      NaN/inf in the teacher's logits or features. Each call then waits for
-      the device; the state passed to a step that raises is donated (gone):
-      restart from a checkpoint or from ``donate=False``.
-    teacher_name: the teacher's name in error messages.
-    log_grad_norm: add ``"grad_norm"`` (global norm of the student's
-      gradient) to the metrics.
+    **option_fields: :class:`StepOptions` fields (``ema_decay``,
+      ``teacher_is_ema``, ``accumulation_steps``, ``accumulation_weighting``,
+      ``mask_key``, ``policy``, ``check_teacher_finite``, ``checks``,
+      ``teacher_name``, ``log_grad_norm``).
 
   Returns:
     The step. ``metrics`` holds the total ``"loss"`` and every term of
     ``loss_fn`` (unweighted), weights and temperature, as device scalars:
-    fetch them every N steps, not every step.
+    fetch them every N steps, not every step. A step with checks raises
+    ``ValueError`` / ``FloatingPointError`` on a failed check.
   """
-  step = build_step_fn(
-      student_apply, teacher_apply, loss_fn, optimizer, ema_decay=ema_decay,
-      teacher_is_ema=teacher_is_ema, accumulation_steps=accumulation_steps,
-      accumulation_weighting=accumulation_weighting, mask_key=mask_key,
-      policy=policy, check_teacher_finite=check_teacher_finite,
-      checks=checks, teacher_name=teacher_name, log_grad_norm=log_grad_norm)
-  return finalize_step(step, jit=jit, donate=donate,
-                       check=check_teacher_finite or checks)
+  options = StepOptions.of(options, **option_fields)
+  step = build_step(student_apply, teacher_apply, loss_fn, optimizer, options)
+  return compile_step(step, jit=jit, donate=donate)
+
+
+def build_step_fn(student_apply: ApplyFn,
+                  teacher_apply: Optional[ApplyFn],
+                  loss_fn: ComposedLoss,
+                  optimizer: optax.GradientTransformation,
+                  *,
+                  axis_name: Optional[str] = None,
+                  gather_fn: Optional[Callable[[Any], Any]] = None,
+                  **option_fields: Any) -> StepFn:
+  """The un-jitted step with its options as keywords (kept for existing code).
+
+  ``build_step(student_apply, teacher_apply, loss_fn, optimizer,
+  StepOptions(**option_fields), axis_name=axis_name, gather_fn=gather_fn)``;
+  new code should call :func:`build_step` with a :class:`StepOptions`.
+  """
+  return build_step(student_apply, teacher_apply, loss_fn, optimizer,
+                    StepOptions(**option_fields), axis_name=axis_name,
+                    gather_fn=gather_fn)
+
+
+def finalize_step(step, *, jit: bool, donate: bool, check: bool,
+                  **jit_kwargs):
+  """The former private name of :func:`compile_step` (``check`` is its ``checks``).
+
+  Kept only for code written against it; use ``kdjax.train.compile_step``.
+  """
+  return compile_step(step, jit=jit, donate=donate, checks=check,
+                      **jit_kwargs)
 
 
 def make_eval_step(student_apply: ApplyFn,

@@ -356,6 +356,45 @@ def test_sequence_kd_trains_on_teacher_generations(teacher):
   assert float(metrics["ce"]) < first
 
 
+def test_lm_step_options_are_token_mask_options(teacher):
+  options = lm.lm_step_options()
+  assert (options.mask_key, options.accumulation_weighting) == (
+      lm.MASK_KEY, "mask")
+  assert lm.lm_step_options(accumulation_steps=2).accumulation_steps == 2
+  given = train.StepOptions(accumulation_steps=2)
+  assert lm.lm_step_options(given) is given  # an object is used as it is
+  opt = optax.sgd(0.5)
+  batch = uneven_batch()
+  by_keywords = lm.make_lm_train_step(S_APPLY, T_APPLY, kd_loss(), opt,
+                                      accumulation_steps=2, donate=False)
+  by_object = lm.make_lm_train_step(
+      S_APPLY, T_APPLY, kd_loss(), opt,
+      lm.lm_step_options(accumulation_steps=2), donate=False)
+  state = fresh_state(opt)
+  for a, b in zip(jax.tree.leaves(by_keywords(state, teacher, batch)[1]),
+                  jax.tree.leaves(by_object(state, teacher, batch)[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_jitted_gkd_step_with_checks_is_checkified(teacher):
+  """A GKD step built with checks raises on a bad teacher (it used to fail
+  to compile: its checks were jitted without checkify)."""
+  opt = optax.sgd(0.1)
+  loss = kd_loss("jsd", beta=0.5)
+  batch = uneven_batch()
+  checked = lm.make_gkd_train_step(S_APPLY, T_APPLY, loss, opt, lmbda=0.0,
+                                   sampling=SAMPLING, donate=False,
+                                   checks=True)
+  plain = lm.make_gkd_train_step(S_APPLY, T_APPLY, loss, opt, lmbda=0.0,
+                                 sampling=SAMPLING, donate=False)
+  state = fresh_state(opt)
+  np.testing.assert_array_equal(checked(state, teacher, batch)[1]["loss"],
+                                plain(state, teacher, batch)[1]["loss"])
+  bad = jax.tree.map(lambda x: x * jnp.nan, teacher)
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    checked(state, bad, batch)
+
+
 def test_distilled_student_divergence_to_teacher_falls(teacher):
   rng = np.random.default_rng(0)
   prompts = [TOK.encode(chr(97 + i % 26)) for i in range(8)]
