@@ -395,11 +395,12 @@ class _Run:
             self.save(done, force=True)
             status, signum = STOPPED, stop.signum
             break
+      finished = status == FINISHED and done > self.start
+      if finished and self.window.steps:  # batches ran out off the log grid
+        self.flush(done)
       self.progress.close()
       wall_s = time.perf_counter() - t_start
-      if status == FINISHED and done > self.start:
-        if self.window.steps:  # batches ran out off the log grid
-          self.flush(done)
+      if finished:
         if self.evaluate_fn is not None and self.eval_step != done:
           self.evaluate(done)
         self.save(done, force=True)

@@ -371,3 +371,49 @@ def test_user_script_stopped_by_sigterm_resumes_exactly(straight):
   out = _finish(_start(root, "stopped", 0.0))
   assert f"STATUS finished {stop} 16" in out, out
   _assert_same_run(root, "stopped", straight)
+
+
+def test_batches_running_out_end_the_loop_with_a_record_eval_and_save(
+    tmp_path):
+  state, step, _, evaluate = _setup()
+  rng = np.random.default_rng(2)
+  data = {"x": rng.normal(size=(40, 3)).astype(np.float32),
+          "y": rng.normal(size=(40,)).astype(np.float32)}
+  batches = checkpoint.ArrayBatchIterator(data, 8, num_epochs=1)  # 5 steps
+  with checkpoint.DistillCheckpointer(tmp_path, save_every=4) as ckpt:
+    result = train.run_loop(step, state, None, batches,
+                            train.LoopOptions(log_every=4, eval_every=4),
+                            checkpointer=ckpt, evaluate=evaluate)
+  assert (result.status, result.step) == ("finished", 5)
+  assert [s for s, _ in result.history] == [4, 5]
+  assert [s for s, _ in result.evals] == [4, 5]
+  with checkpoint.DistillCheckpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [4, 5]
+
+
+def test_stop_request_flags_the_first_signal_and_aborts_on_a_second_sigint():
+  previous = signal.getsignal(signal.SIGTERM)
+  with train.StopRequest() as stop:
+    assert not stop.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert stop.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_throughput_hooks_and_progress_bar(capsys):
+  state, step, batches, evaluate = _setup()
+  logged, evaluated = [], []
+  result = train.run_loop(
+      step, state, None, batches(),
+      train.LoopOptions(num_steps=6, log_every=3, eval_every=3, batch_size=8,
+                        progress=True, description="toy"),
+      evaluate=evaluate, on_log=[lambda s, r: logged.append(s)] * 2,
+      on_eval=lambda s, r: evaluated.append(s))
+  assert logged == [3, 3, 6, 6] and evaluated == [3, 6]
+  assert all(r["samples_per_s"] > 0 for _, r in result.history)
+  assert result.first_step_s > 0 and result.wall_s >= result.first_step_s
+  assert "toy" in capsys.readouterr().err
