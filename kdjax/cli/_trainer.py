@@ -272,8 +272,8 @@ def run(job: Job, ckpt, out: Callable[[str], None] = print) -> int:
     return finish(job, result, log.last_train, report, ckpt, out)
 
 
-def finish(job: Job, result: "ktrain.LoopResult", last_train: Mapping[str, Any],
-           report: Mapping[str, float], ckpt,
+def finish(job: Job, result: "ktrain.LoopResult",
+           last_train: Mapping[str, Any], report: Mapping[str, float], ckpt,
            out: Callable[[str], None] = print) -> int:
   """The closing lines and summary.json of a run; returns its exit status."""
   if result.status == "stopped":

@@ -284,8 +284,8 @@ def _start(root, name: str, pause: float) -> subprocess.Popen:
   if not script.exists():
     script.write_text(SCRIPT)
   return subprocess.Popen(
-      [sys.executable, str(script), str(root / name), str(root / f"{name}.jsonl"),
-       str(root / f"{name}.npz"), str(pause)],
+      [sys.executable, str(script), str(root / name),
+       str(root / f"{name}.jsonl"), str(root / f"{name}.npz"), str(pause)],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       env=_env())
 
