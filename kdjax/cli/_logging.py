@@ -1,4 +1,4 @@
-"""Metrics of a run: ``metrics.jsonl``, TensorBoard event files, a progress bar.
+"""Metrics of a run: ``metrics.jsonl`` and TensorBoard event files.
 
 Each record of ``metrics.jsonl`` is one JSON object ``{"step": int, "split":
 "train" | "eval", "time": seconds since the run (re)started, name: value,
@@ -10,10 +10,11 @@ written again) and opens the event writer with ``purge_step`` set to it, so
 TensorBoard discards the stale events too.
 
 Train records average the steps of one window, ``(k - 1) * log_every <
-step <= k * log_every`` (:class:`MetricsWindow`). A checkpoint saved inside a
-window carries the window's sums (:meth:`MetricsWindow.to_json`), so a run
-interrupted there and resumed writes the same records as an uninterrupted
-one, except for the wall-clock fields ``time`` and ``samples_per_s``.
+step <= k * log_every`` (:class:`kdjax.train.MetricsWindow`, summed by
+:func:`kdjax.train.run_loop`). A checkpoint saved inside a window carries the
+window's sums, so a run interrupted there and resumed writes the same records
+as an uninterrupted one, except for the wall-clock fields ``time`` and
+``samples_per_s``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -121,107 +122,3 @@ class MetricsLogger:
     self._file.close()
     if self._writer is not None:
       self._writer.close()
-
-
-class MetricsWindow:
-  """The train metrics of the steps since the last record, summed on device.
-
-  ``add`` sums each step's metrics (a flat ``{name: scalar}``) without a
-  device sync; ``means`` fetches them once per record. ``steps`` counts the
-  window's steps, ``local_steps`` those run by this process (a window
-  restored from a checkpoint holds steps of the interrupted run), for the
-  throughput and the progress bar.
-  """
-
-  def __init__(self):
-    self.sums = None
-    self.steps = 0
-    self.local_steps = 0
-
-  def add(self, metrics: Mapping[str, Any]) -> None:
-    """Adds one step's metrics (device arrays) to the sums."""
-    self.sums = (dict(metrics) if self.sums is None
-                 else _add_sums(self.sums, dict(metrics)))
-    self.steps += 1
-    self.local_steps += 1
-
-  def means(self) -> dict:
-    """``{name: sum / steps}`` as Python floats (one device fetch)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    return {k: float(v) / self.steps
-            for k, v in jax.device_get(self.sums).items()}
-
-  def reset(self) -> None:
-    self.sums, self.steps, self.local_steps = None, 0, 0
-
-  def to_json(self) -> dict:
-    """The sums, bit-exact (``float.hex`` of each value, with its dtype)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    sums = {}
-    for name, value in jax.device_get(self.sums or {}).items():
-      value = np.asarray(value)
-      sums[name] = {"dtype": value.dtype.name, "shape": list(value.shape),
-                    "hex": [float(x).hex() for x in value.ravel()]}
-    return {"steps": self.steps, "sums": sums}
-
-  @classmethod
-  def from_json(cls, data: Optional[Mapping[str, Any]]) -> "MetricsWindow":
-    """The window of :meth:`to_json` (empty for ``None`` or no steps)."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    window = cls()
-    if not data or not data.get("steps"):
-      return window
-    window.steps = int(data["steps"])
-    window.sums = {
-        name: jnp.asarray(np.asarray(
-            [float.fromhex(x) for x in v["hex"]],
-            jnp.dtype(v["dtype"])).reshape(v["shape"]))
-        for name, v in data["sums"].items()}
-    return window
-
-
-def _add_sums(running: dict, metrics: dict) -> dict:
-  """``running + metrics`` leaf by leaf, in one jitted call."""
-  global _ADD_JIT
-  if _ADD_JIT is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    _ADD_JIT = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b))
-  return _ADD_JIT(running, metrics)
-
-
-_ADD_JIT = None
-
-
-class Progress:
-  """A tqdm bar over the run's steps, updated when metrics are fetched.
-
-  It shows the step, the steps/s rate, the ETA, and as postfix the last
-  fetched loss and the throughput in samples/s.
-  """
-
-  def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-    self._bar = None
-    if enabled:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-                       dynamic_ncols=True, file=sys.stderr, leave=True)
-
-  def update(self, steps: int, loss: float, samples_per_s: float) -> None:
-    if self._bar is not None:
-      self._bar.set_postfix({"loss": f"{loss:.4f}",
-                             "samples/s": f"{samples_per_s:,.0f}"},
-                            refresh=False)
-      self._bar.update(steps)
-
-  def write(self, text: str) -> None:
-    if self._bar is not None:
-      self._bar.write(text, file=sys.stdout)
-    else:
-      print(text, flush=True)
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-      self._bar = None

@@ -46,12 +46,8 @@ from kdjax.cli.config import ConfigError
 # Shared with kdjax lm (kept here for the modules that read them from _train).
 SUMMARY_FILE = _trainer.SUMMARY_FILE
 EXIT_INTERRUPTED = _trainer.EXIT_INTERRUPTED
-WINDOW_KEY = _trainer.WINDOW_KEY
 build_optimizer = _trainer.build_optimizer
 build_policy = _trainer.build_policy
-StopRequest = _trainer.StopRequest
-resume = _trainer.resume
-restored_window = _trainer.restored_window
 
 
 # -----------------------------------------------------------------------------

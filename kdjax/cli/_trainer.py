@@ -7,15 +7,17 @@ reads top to bottom::
 
   check_run_kind            the run directory holds no run of another kind
   open_checkpointer         kdjax.checkpoint.DistillCheckpointer of the run
-  resume                    state, step, data position and metrics window of
+  kdjax.train.resume        state, step, data position and metrics window of
                             the newest good checkpoint (fresh: step 0)
-  TrainingLoop.run          jitted steps; metrics summed on the device and
-                            fetched every train.log_every steps
-                            (metrics.jsonl, TensorBoard, tqdm bar); eval every
+  kdjax.train.run_loop      the library's loop (see kdjax/train/_loop.py):
+                            metrics summed on the device and fetched every
+                            train.log_every steps; eval every
                             train.eval_every steps; a checkpoint every
                             checkpoint.save_every steps; SIGINT/SIGTERM stop
-                            at a step boundary after a forced save
-  finish                    the final eval, summary.json, the closing lines
+                            at a step boundary after a forced save; tqdm bar.
+                            Its hooks (:class:`RunLog`) write metrics.jsonl
+                            and TensorBoard
+  finish                    summary.json, the closing lines
 
 A run interrupted and run again continues where its last checkpoint left off
 and logs the records an uninterrupted run logs (a checkpoint saved inside a
@@ -27,16 +29,17 @@ a corrupt checkpoint found by the resume is one too (its error type says so).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
-import threading
-import time
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 import optax
 
+from kdjax import train as ktrain
 from kdjax.cli import _logging
 from kdjax.cli import _models
 from kdjax.cli import config as cfg
@@ -44,7 +47,6 @@ from kdjax.cli import errors
 from kdjax.cli.config import ConfigError
 
 SUMMARY_FILE = "summary.json"
-WINDOW_KEY = "metrics_window"
 EXIT_INTERRUPTED = {signal.SIGINT: errors.EXIT_SIGINT,
                     signal.SIGTERM: errors.EXIT_SIGTERM}
 
@@ -144,67 +146,6 @@ def open_checkpointer(run_dir: str, config: Mapping[str, Any], *,
       teacher_fingerprint=teacher_fingerprint)
 
 
-def resume(ckpt, state, batches, log_every: int):
-  """``(state, step, metrics window)`` of ``ckpt``'s newest good step.
-
-  A fresh run (no checkpoint) gets ``(state, 0, empty window)``; the data
-  iterator ``batches`` is moved to the restored position. If the restore
-  fails (every step corrupted), ``ckpt`` is closed before the error goes up.
-  """
-  if ckpt.latest_step() is None:
-    return state, 0, _logging.MetricsWindow()
-  try:
-    restored = ckpt.restore(state, data_iterator=batches, fallback=True)
-  except BaseException:
-    ckpt.close()
-    raise
-  return (restored.state, restored.step,
-          restored_window(restored.extra, restored.step, log_every))
-
-
-def restored_window(extra: Optional[Mapping[str, Any]], start: int,
-                    log_every: int) -> _logging.MetricsWindow:
-  """The metrics window saved with the checkpoint of step ``start``.
-
-  Empty when the checkpoint holds none (saved by an older kdjax) or one that
-  does not end at ``start`` on this ``log_every`` grid (the config changed).
-  """
-  window = _logging.MetricsWindow.from_json((extra or {}).get(WINDOW_KEY))
-  if window.steps != start % log_every:
-    window.reset()
-  return window
-
-
-# -----------------------------------------------------------------------------
-# Interrupts.
-# -----------------------------------------------------------------------------
-
-
-class StopRequest:
-  """Turns SIGINT/SIGTERM into a flag the loop checks at each step boundary
-  (a second SIGINT aborts at once)."""
-
-  def __init__(self):
-    self.signum: Optional[int] = None
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-
-  def __enter__(self) -> "StopRequest":
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 # -----------------------------------------------------------------------------
 # The job and the loop.
 # -----------------------------------------------------------------------------
@@ -265,149 +206,82 @@ class Job:
     return f"[{self.command}]"
 
 
-@dataclasses.dataclass
-class LoopResult:
-  """How :class:`TrainingLoop` ended: ``status`` 0 or 130/143, the steps
-  ``start..done`` it ran of ``total``, their wall time, the last train record
-  and the last eval report."""
-  status: int
-  start: int
-  done: int
-  wall: float
-  last_train: dict
-  report: dict
-  first_step_s: float = 0.0  # the first step of this invocation (compiles)
+class RunLog:
+  """The loop's hooks of a run: each train record (with the learning rate
+  ``lr``) and eval report goes to metrics.jsonl and TensorBoard; the
+  evaluations before the last are printed too."""
 
-
-class TrainingLoop:
-  """Steps ``job.train_step`` from ``start`` to ``job.total``.
-
-  Train records are the means of windows ending on multiples of
-  ``train.log_every`` (whatever the start step, so a resumed run logs the
-  same records as an uninterrupted one); a checkpoint is saved when due,
-  with the open window's sums.
-  """
-
-  def __init__(self, job: Job, ckpt, state, start: int,
-               window: _logging.MetricsWindow):
-    self.job, self.ckpt, self.state = job, ckpt, state
-    self.start, self.window = start, window
-    tc = job.train_config
-    self.log_every, self.eval_every = tc["log_every"], tc["eval_every"]
+  def __init__(self, job: Job, start: int):
+    self.job = job
     self.logger = _logging.MetricsLogger(job.run_dir, start)
-    self.progress = _logging.Progress(job.total, start,
-                                      f"{job.command} {job.method}",
-                                      tc["progress"] and start < job.total)
-    self.last_train: dict = {}
-    self._t_last = time.perf_counter()
-    self._rate_steps = 0  # steps since _t_last (the throughput's numerator)
+    self.last_train: dict = {}  # as written (step, time, ..., lr)
 
-  def flush(self, step: int) -> None:
-    """Fetches the window's summed metrics; logs their mean."""
-    window = self.window
-    means = window.means()
-    now = time.perf_counter()
-    # Steps timed since _t_last: the first step (compilation) is left out of
-    # the throughput, unless it is the only step of the record.
-    steps = self._rate_steps or 1
-    elapsed = now - (self._t_last if self._rate_steps else self._t_first)
-    rate = steps * self.job.batch_size / max(elapsed, 1e-9)
+  def train(self, step: int, record: Mapping[str, float]) -> None:
     self.last_train = self.logger.log(step, "train", {
-        **means, "samples_per_s": rate,
-        "lr": float(self.job.schedule(step - 1))})
-    self.progress.update(window.local_steps, means["loss"], rate)
-    window.reset()
-    self._t_last, self._rate_steps = now, 0
+        **record, "lr": float(self.job.schedule(step - 1))})
 
-  def save(self, step: int, force: bool = False) -> None:
-    """Saves a checkpoint if due (or ``force``), with the metrics window
-    (fetched only then)."""
-    self.ckpt.save(self.state, step=step, data_iterator=self.job.batches,
-                   force=force,
-                   extra=lambda: {WINDOW_KEY: self.window.to_json()})
-
-  def evaluate(self, step: int) -> dict:
-    """Evaluates the current state; logs the report at ``step``."""
-    report = self.job.evaluate(self.state)
+  def eval(self, step: int, report: Mapping[str, float]) -> None:
     self.logger.log(step, "eval", report)
-    return report
+    if step < self.job.total:
+      line = f"{self.job.tag} step {step}: " + fmt(report)
+      if self.job.train_config["progress"]:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        tqdm.write(line, file=sys.stdout)  # above the progress bar
+      else:
+        print(line, flush=True)
 
-  def run(self) -> LoopResult:
-    """The loop, the final eval and save; closes the checkpointer and logs."""
-    job = self.job
-    status, done, report = 0, self.start, {}
-    t_start = self._t_first = self._t_last = time.perf_counter()
-    first_step_s = 0.0
-    try:
-      with StopRequest() as stop:
-        for step in range(self.start, job.total):
-          batch = next(job.batches)
-          self.state, metrics = job.train_step(self.state,
-                                               job.teacher_variables, batch)
-          self.window.add(metrics)
-          done = step + 1
-          self._rate_steps += 1
-          if step == self.start:
-            import jax  # pylint: disable=g-import-not-at-top
-            jax.block_until_ready(metrics)
-            self._t_last = time.perf_counter()
-            first_step_s, self._rate_steps = self._t_last - t_start, 0
-          if done % self.log_every == 0 or done == job.total:
-            self.flush(done)
-          if (self.eval_every and done % self.eval_every == 0
-              and done < job.total):
-            report = self.evaluate(done)
-            self.progress.write(f"{job.tag} step {done}: " + fmt(report))
-            self._t_last, self._rate_steps = time.perf_counter(), 0
-          self.save(done)
-          if stop.signum is not None:
-            # The window's sums go into the checkpoint, not into a record:
-            # the resumed run completes the window.
-            self.save(done, force=True)
-            status = EXIT_INTERRUPTED.get(stop.signum, errors.EXIT_SIGINT)
-            break
-      self.progress.close()
-      wall = time.perf_counter() - t_start
-      if not status:
-        if self.start < job.total:
-          report = self.evaluate(job.total)
-          self.save(job.total, force=True)
-        else:
-          report = job.evaluate(self.state)
-    finally:
-      self.progress.close()
-      try:
-        self.ckpt.close()
-      finally:
-        self.logger.close()
-    return LoopResult(status=status, start=self.start, done=done, wall=wall,
-                      last_train=self.last_train, report=report,
-                      first_step_s=first_step_s)
+  def close(self) -> None:
+    self.logger.close()
+
+
+def loop_options(job: Job) -> "ktrain.LoopOptions":
+  """The :class:`kdjax.train.LoopOptions` of the ``train`` section."""
+  tc = job.train_config
+  return ktrain.LoopOptions(
+      num_steps=job.total, log_every=tc["log_every"],
+      eval_every=tc["eval_every"] or 0, batch_size=job.batch_size,
+      progress=tc["progress"], description=f"{job.command} {job.method}")
 
 
 def run(job: Job, ckpt, out: Callable[[str], None] = print) -> int:
-  """Resumes ``job`` from ``ckpt``, trains it to ``job.total``, writes
-  summary.json; returns the exit status (0, or 130/143 after an interrupt)."""
-  state, start, window = resume(ckpt, job.state, job.batches,
-                                job.train_config["log_every"])
+  """Resumes ``job`` from ``ckpt``, trains it to ``job.total`` with
+  :func:`kdjax.train.run_loop`, writes summary.json; closes ``ckpt``;
+  returns the exit status (0, or 130/143 after an interrupt)."""
+  try:
+    start = ktrain.resume(ckpt, job.state, job.batches)
+  except BaseException:
+    ckpt.close()
+    raise
   with errors.during_run():
-    if start:
-      out(f"{job.tag} resuming {job.run_dir} from step {start} (checkpoint "
-          f"{ckpt.step_path(start)})")
+    if start.step:
+      out(f"{job.tag} resuming {job.run_dir} from step {start.step} "
+          f"(checkpoint {ckpt.step_path(start.step)})")
     out(job.describe)
-    result = TrainingLoop(job, ckpt, state, start, window).run()
-    return finish(job, result, ckpt, out)
+    with contextlib.closing(ckpt):
+      log = RunLog(job, start.step)
+      try:
+        result = ktrain.run_loop(
+            job.train_step, start, job.teacher_variables, job.batches,
+            loop_options(job), checkpointer=ckpt, evaluate=job.evaluate,
+            on_log=log.train, on_eval=log.eval)
+        # A run already trained to the end is evaluated, not logged again.
+        report = (result.last_eval if result.steps_run
+                  else job.evaluate(result.state))
+      finally:
+        log.close()
+    return finish(job, result, log.last_train, report, ckpt, out)
 
 
-def finish(job: Job, result: LoopResult, ckpt,
+def finish(job: Job, result: "ktrain.LoopResult",
+           last_train: Mapping[str, Any], report: Mapping[str, float], ckpt,
            out: Callable[[str], None] = print) -> int:
   """The closing lines and summary.json of a run; returns its exit status."""
-  if result.status:
-    out(f"{job.tag} interrupted at step {result.done}/{job.total}; checkpoint "
+  if result.status == "stopped":
+    out(f"{job.tag} interrupted at step {result.step}/{job.total}; checkpoint "
         f"saved in {ckpt.directory}. Run the same command again to continue.")
-    return result.status
+    return EXIT_INTERRUPTED.get(result.signal, errors.EXIT_SIGINT)
   summary_path = os.path.join(job.run_dir, SUMMARY_FILE)
-  start, total, wall = result.start, job.total, result.wall
+  start, total, wall = result.start_step, job.total, result.wall_s
   if start < total:
     trained = total - start
     first = result.first_step_s
@@ -417,13 +291,13 @@ def finish(job: Job, result: LoopResult, ckpt,
     else:
       rate = f"{trained * job.batch_size / max(wall, 1e-9):,.0f} samples/s"
     out(f"{job.tag} trained steps {start}..{total} in {wall:.1f} s ({rate}); "
-        f"final train loss {result.last_train.get('loss', float('nan')):.4f}")
+        f"final train loss {last_train.get('loss', float('nan')):.4f}")
     summary = {"command": job.command, "model": job.model,
                "method": job.method, "step": total, "resumed_from": start,
-               "wall_s": wall, "first_step_s": result.first_step_s,
-               "train": {k: v for k, v in result.last_train.items()
+               "wall_s": wall, "first_step_s": first,
+               "train": {k: v for k, v in last_train.items()
                          if k != "split"},
-               "eval": result.report}
+               "eval": dict(report)}
   else:
     out(f"{job.tag} {job.run_dir} is already trained to step {start} (of "
         f"{total}).")
@@ -431,10 +305,10 @@ def finish(job: Job, result: LoopResult, ckpt,
     if os.path.exists(summary_path):
       with open(summary_path) as f:
         summary = json.load(f)
-    summary["eval"] = result.report
+    summary["eval"] = dict(report)
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
-  out(f"{job.tag} eval on {job.eval_description}: " + fmt(result.report))
+  out(f"{job.tag} eval on {job.eval_description}: " + fmt(report))
   out(f"{job.tag} run dir: {job.run_dir}")
   return 0
 

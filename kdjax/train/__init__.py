@@ -4,12 +4,15 @@ from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._compile": ("compile_step",),
-    "._loop": ("fit",),
+    "._loop": ("Checkpointer", "LoopOptions", "LoopResult", "LoopStart",
+        "fit", "resume", "run_loop"),
     "._options": ("StepOptions",),
     "._precision": ("Policy", "cast_floating"),
     "._state": ("DistillState", "create_state", "split_variables"),
     "._step": ("build_step", "build_step_fn", "evaluate", "make_eval_step",
         "make_train_step", "reads_teacher_from_batch", "teacher_forward"),
+    "._stop": ("StopRequest",),
+    "._window": ("MetricsWindow",),
     "._self_distillation": ("GenerationResult", "born_again",
         "born_again_loss", "mean_teacher_decay", "mean_teacher_loss",
         "mean_teacher_step", "sigmoid_rampup", "softmax_mse"),
