@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from kdjax.cli import errors
-from kdjax.cli.config import ConfigError
+from kdjax.cli._config_base import ConfigError
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 2048, 512
 FASHION_MNIST_BUILDER = "kdjax_fashion_mnist"
