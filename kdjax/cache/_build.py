@@ -25,7 +25,7 @@ from kdjax.cache._format import MANIFEST
 from kdjax.cache._format import VERSION
 from kdjax.cache._format import write_manifest
 from kdjax.losses import top_k_teacher
-from kdjax.losses._ensemble import TEACHER_LOGITS_KEY
+from kdjax.models import TEACHER_LOGITS_KEY
 from kdjax.train._step import teacher_forward
 
 

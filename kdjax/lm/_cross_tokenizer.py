@@ -11,8 +11,8 @@ own tokens with ``make_lm_apply(teacher_config, input_key="teacher_tokens")``
 (:func:`make_teacher_lm_apply`).
 
 :func:`uld_term` is the ULD term (Boizard et al. 2024, arXiv 2402.12030;
-``kdjax.losses._uld``) alone, as a ``kdjax.losses.Term`` function; the paper's
-objective ``CE + lambda * ULD`` is the composition of
+``kdjax.losses.uld_loss``) alone, as a ``kdjax.losses.Term`` function; the
+paper's objective ``CE + lambda * ULD`` is the composition of
 ``kdjax.lm.token_ce_term()`` (weight 1, ``needs_teacher=False``) and
 ``uld_term()`` (weight ``lambda``), which :func:`make_uld_loss` builds. Both
 parts are then reported separately in the step's metrics.
@@ -34,7 +34,6 @@ import numpy as np
 
 from kdjax import losses
 from kdjax.losses import TermInputs
-from kdjax.losses import _uld
 from kdjax.lm._data import make_lm_batch
 from kdjax.lm._distill import MASK_KEY
 from kdjax.lm._distill import TARGET_KEY
@@ -218,7 +217,7 @@ def uld_term(*,
              ) -> Callable[[TermInputs], chex.Array]:
   r"""The ULD term alone, as a ``Term`` function (Boizard et al. 2024).
 
-  ``term(inputs) = kdjax.losses._uld.uld_loss(z_s[..., :V_s], m_s,
+  ``term(inputs) = kdjax.losses.uld_loss(z_s[..., :V_s], m_s,
   z_t[..., :V_t], m_t, T)`` with ``z_s = inputs.student.logits [B, T_s,
   rows_s]``, ``z_t = inputs.teacher.logits [B, T_t, rows_t]``, ``m_s =
   batch[student_mask_key]``, ``m_t = batch[teacher_mask_key]``: the sorted-
@@ -236,7 +235,7 @@ def uld_term(*,
       which matters because ULD sorts over every row. ``None``: all rows.
     teacher_vocab_size: likewise ``V_t`` for the teacher.
     top_k: optional approximation (see
-      ``kdjax.losses._uld.sorted_probability_distance``).
+      ``kdjax.losses.sorted_probability_distance``).
     average: ``"sequence"`` (reference code) or ``"token"``. With gradient
       accumulation (``make_lm_train_step(accumulation_steps=n)``) the step
       weights micro-batches by their student ``loss_mask`` counts, while ULD
@@ -245,10 +244,7 @@ def uld_term(*,
     student_mask_key: batch key of the student's response mask ``[B, T_s]``.
     teacher_mask_key: batch key of the teacher's response mask ``[B, T_t]``.
   """
-  if average not in _uld.AVERAGES:
-    raise ValueError(f"average must be one of {_uld.AVERAGES}, got "
-                     f"{average!r}.")
-  _uld._check_top_k(top_k)  # pylint: disable=protected-access
+  losses.check_uld_options(top_k=top_k, average=average)
 
   def term(inputs: TermInputs) -> chex.Array:
     if inputs.teacher is None:
@@ -262,10 +258,10 @@ def uld_term(*,
     t_logits = _slice_vocab(inputs.teacher.logits, teacher_vocab_size,
                             "teacher")
     t = inputs.temperature if temperature is None else temperature
-    return _uld.uld_loss(s_logits, inputs.batch[student_mask_key], t_logits,
-                         inputs.batch[teacher_mask_key], t,
-                         teacher_temperature=teacher_temperature, top_k=top_k,
-                         average=average)
+    return losses.uld_loss(s_logits, inputs.batch[student_mask_key], t_logits,
+                           inputs.batch[teacher_mask_key], t,
+                           teacher_temperature=teacher_temperature,
+                           top_k=top_k, average=average)
 
   return term
 

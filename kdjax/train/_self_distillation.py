@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# _utils.check_*, to_float32, reduce_loss: the loss library's public helpers.
+from kdjax import losses as _utils
 from kdjax.losses import ComposedLoss
 from kdjax.losses import Term
 from kdjax.losses import compose
 from kdjax.losses import kl_divergence
 from kdjax.losses import label_term
 from kdjax.losses import logit_term
-from kdjax.losses import _utils
 from kdjax.train._loop import fit
 from kdjax.train._state import create_state
 from kdjax.train._step import evaluate
