@@ -457,7 +457,7 @@ METHODS: dict = {s.name: s for s in [
 ]}
 
 
-def get_method(name: str, **overrides) -> MethodSpec:
+def get_method(name: str, **overrides: Any) -> MethodSpec:
   """The registered method ``name`` with hyper-parameter ``overrides``.
 
   Raises:

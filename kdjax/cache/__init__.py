@@ -7,6 +7,8 @@ shards with a JSON manifest fingerprinting the teacher, the dataset and ``k``;
 trains the student from the cache with no teacher in memory.
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -16,3 +18,12 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._teacher_output": ("CachedTeacherOutput", "cached_teacher_apply"),
     "._train": ("make_cached_train_step", "top_k_term"),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.cache._build import build_teacher_cache
+  from kdjax.cache._cache import (
+      CacheMismatchError, TeacherCache, open_teacher_cache)
+  from kdjax.cache._fingerprint import fingerprint_dataset, fingerprint_tree
+  from kdjax.cache._teacher_output import (
+      CachedTeacherOutput, cached_teacher_apply)
+  from kdjax.cache._train import make_cached_train_step, top_k_term

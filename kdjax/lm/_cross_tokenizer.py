@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import numpy as np
@@ -38,7 +38,9 @@ from kdjax.lm._data import make_lm_batch
 from kdjax.lm._distill import MASK_KEY
 from kdjax.lm._distill import TARGET_KEY
 from kdjax.lm._distill import token_ce_term
+from kdjax.lm._model import TransformerConfig
 from kdjax.lm._model import make_lm_apply
+from kdjax.models import ApplyFn
 
 TEACHER_PREFIX = "teacher_"
 
@@ -149,8 +151,8 @@ def _encode_pairs(tokenizer, prompts, completions, add_eos):
 
 def make_cross_tokenizer_batch(prompts: Sequence[str],
                                completions: Sequence[str],
-                               student_tokenizer,
-                               teacher_tokenizer,
+                               student_tokenizer: Any,
+                               teacher_tokenizer: Any,
                                seq_len: int,
                                *,
                                teacher_seq_len: Optional[int] = None,
@@ -195,8 +197,9 @@ def make_cross_tokenizer_batch(prompts: Sequence[str],
   return batch
 
 
-def make_teacher_lm_apply(config, *, prefix: str = TEACHER_PREFIX,
-                          return_hidden: bool = False):
+def make_teacher_lm_apply(config: TransformerConfig, *,
+                          prefix: str = TEACHER_PREFIX,
+                          return_hidden: bool = False) -> ApplyFn:
   """The teacher's apply, reading its own tokens ``batch[prefix + "tokens"]``.
 
   ``kdjax.lm.make_lm_apply(config, input_key=prefix + "tokens")``.
@@ -206,8 +209,8 @@ def make_teacher_lm_apply(config, *, prefix: str = TEACHER_PREFIX,
 
 
 def uld_term(*,
-             temperature=None,
-             teacher_temperature=None,
+             temperature: Optional[chex.Numeric] = None,
+             teacher_temperature: Optional[chex.Numeric] = None,
              student_vocab_size: Optional[int] = None,
              teacher_vocab_size: Optional[int] = None,
              top_k: Optional[int] = None,
@@ -277,11 +280,11 @@ def _slice_vocab(logits, vocab_size, who):
   return logits if rows == vocab_size else logits[..., :vocab_size]
 
 
-def make_uld_loss(uld_weight=1.0,
+def make_uld_loss(uld_weight: losses.ScalarOrSchedule = 1.0,
                   *,
-                  temperature=1.0,
-                  teacher_temperature=None,
-                  ce_weight=1.0,
+                  temperature: losses.ScalarOrSchedule = 1.0,
+                  teacher_temperature: Optional[chex.Numeric] = None,
+                  ce_weight: losses.ScalarOrSchedule = 1.0,
                   student_vocab_size: Optional[int] = None,
                   teacher_vocab_size: Optional[int] = None,
                   top_k: Optional[int] = None,

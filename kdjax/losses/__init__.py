@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
-    "._compose": ("ComposedLoss", "LossAux", "Term", "TermInputs", "compose",
-        "dist_term", "dkd_term", "evaluate_schedule", "label_term",
-        "logit_term"),
+    "._compose": ("ComposedLoss", "LossAux", "ScalarOrSchedule", "Term",
+        "TermInputs", "compose", "dist_term", "dkd_term", "evaluate_schedule",
+        "label_term", "logit_term"),
     "._decoupled": ("dist", "dkd", "dkd_terms"),
     "._divergences": ("DIVERGENCES", "TopKTeacher",
         "divergence_from_log_probs", "hard_label_cross_entropy",
@@ -52,8 +52,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
 
 if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
   from kdjax.losses._compose import (
-      ComposedLoss, LossAux, Term, TermInputs, compose, dist_term, dkd_term,
-      evaluate_schedule, label_term, logit_term)
+      ComposedLoss, LossAux, ScalarOrSchedule, Term, TermInputs, compose,
+      dist_term, dkd_term, evaluate_schedule, label_term, logit_term)
   from kdjax.losses._contrastive import (
       CRDEmbed, CRDState, crd_loss, crd_nce_loss, crd_term, init_crd_heads,
       init_crd_state, sample_contrast_indices)

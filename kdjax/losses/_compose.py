@@ -41,6 +41,8 @@ from kdjax.losses._decoupled import dist as _dist
 from kdjax.losses._decoupled import dkd as _dkd
 from kdjax.losses._divergences import hard_label_cross_entropy
 
+# A term's weight or a temperature: a constant, or a schedule of the step
+# (e.g. an ``optax`` schedule).
 ScalarOrSchedule = Union[float, Callable[[chex.Numeric], chex.Numeric]]
 
 

@@ -1,5 +1,7 @@
 """kdjax.train: the distillation state, jitted train/eval steps and a loop."""
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -12,3 +14,13 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
         "born_again_loss", "mean_teacher_decay", "mean_teacher_loss",
         "mean_teacher_step", "sigmoid_rampup", "softmax_mse"),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.train._loop import fit
+  from kdjax.train._precision import Policy, cast_floating
+  from kdjax.train._self_distillation import (
+      GenerationResult, born_again, born_again_loss, mean_teacher_decay,
+      mean_teacher_loss, mean_teacher_step, sigmoid_rampup, softmax_mse)
+  from kdjax.train._state import DistillState, create_state, split_variables
+  from kdjax.train._step import (
+      build_step_fn, evaluate, make_eval_step, make_train_step, teacher_forward)
