@@ -43,9 +43,8 @@ from typing import Any, Callable, Mapping, Optional
 import chex
 
 from kdjax import losses
-from kdjax.losses import _utils
-from kdjax.losses._compose import Term
-from kdjax.losses._compose import TermInputs
+from kdjax.losses import Term
+from kdjax.losses import TermInputs
 
 RECIPES = ("distill", "student_only", "ensemble", "mean_teacher", "born_again")
 
@@ -102,9 +101,9 @@ class MethodSpec:
   def train_step_kwargs(self) -> dict:
     """Extra keyword arguments of :func:`kdjax.train.make_train_step`."""
     if self.recipe == "mean_teacher":
-      from kdjax.train._self_distillation import mean_teacher_decay  # pylint: disable=g-import-not-at-top
-      return {"ema_decay": mean_teacher_decay(self.hparams["ema_decay"]),
-              "teacher_is_ema": True}
+      from kdjax import train  # pylint: disable=g-import-not-at-top
+      decay = train.mean_teacher_decay(self.hparams["ema_decay"])
+      return {"ema_decay": decay, "teacher_is_ema": True}
     return {}
 
   def override(self, **overrides) -> "MethodSpec":
@@ -170,23 +169,20 @@ def _build_dist(h, ctx):
 
 def _build_fitnets(h, ctx):
   del ctx
-  from kdjax.losses._features import fitnets_term  # pylint: disable=g-import-not-at-top
-  return _ce(h) + [fitnets_term("hint", h["student_feature"],
-                                h["teacher_feature"], h["hint_weight"])]
+  return _ce(h) + [losses.fitnets_term("hint", h["student_feature"],
+                                       h["teacher_feature"], h["hint_weight"])]
 
 
 def _build_at(h, ctx):
   del ctx
-  from kdjax.losses._features import attention_transfer_term  # pylint: disable=g-import-not-at-top
-  return _ce(h) + [attention_transfer_term("at", h["pairs"], h["at_weight"],
-                                           p=h["p"])]
+  return _ce(h) + [losses.attention_transfer_term("at", h["pairs"],
+                                                  h["at_weight"], p=h["p"])]
 
 
 def _relational(term_name: str, loss_key: str, weight_key: str):
   def build(h, ctx):
     del ctx
-    from kdjax.losses._relational import relational_term  # pylint: disable=g-import-not-at-top
-    return _ce(h) + [relational_term(
+    return _ce(h) + [losses.relational_term(
         term_name, loss_key, student_feature=h["student_feature"],
         teacher_feature=h["teacher_feature"], weight=h[weight_key])]
   return build
@@ -194,14 +190,13 @@ def _relational(term_name: str, loss_key: str, weight_key: str):
 
 def _build_rkd(h, ctx):
   del ctx
-  from kdjax.losses._relational import relational_term  # pylint: disable=g-import-not-at-top
   kw = dict(student_feature=h["student_feature"],
             teacher_feature=h["teacher_feature"])
   return _ce(h) + [
-      relational_term("rkd_distance", "rkd_distance",
-                      weight=h["distance_weight"], **kw),
-      relational_term("rkd_angle", "rkd_angle", weight=h["angle_weight"],
-                      **kw)]
+      losses.relational_term("rkd_distance", "rkd_distance",
+                             weight=h["distance_weight"], **kw),
+      losses.relational_term("rkd_angle", "rkd_angle",
+                             weight=h["angle_weight"], **kw)]
 
 
 @functools.cache
@@ -216,7 +211,7 @@ def _linear_embed_class() -> type:
 
     @nn.compact
     def __call__(self, x):
-      x = _utils.to_float32(x).reshape(x.shape[0], -1)
+      x = losses.to_float32(x).reshape(x.shape[0], -1)
       return nn.Dense(self.features, name="linear")(x)
 
   return LinearEmbed
@@ -225,8 +220,6 @@ def _linear_embed_class() -> type:
 def _build_cc(h, ctx):
   """CC as RepDistiller runs it: learned linear embeddings, then its CC loss."""
   del ctx
-  from kdjax.losses._features import get_feature  # pylint: disable=g-import-not-at-top
-  from kdjax.losses._relational import correlation_congruence_loss  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   s_name, t_name, dim = h["student_feature"], h["teacher_feature"], h["feat_dim"]
   embed = _linear_embed_class()(dim)
@@ -234,30 +227,29 @@ def _build_cc(h, ctx):
   def init_params(rng, student_out, teacher_out, batch):
     del batch
     k_s, k_t = jax.random.split(rng)
-    s = get_feature(student_out, s_name, "student")
-    t = get_feature(teacher_out, t_name, "teacher")
+    s = losses.get_feature(student_out, s_name, "student")
+    t = losses.get_feature(teacher_out, t_name, "teacher")
     return {"student": embed.init(k_s, s[:1])["params"],
             "teacher": embed.init(k_t, t[:1])["params"]}
 
   def fn(inputs: TermInputs):
     s = embed.apply({"params": inputs.params["student"]},
-                    get_feature(inputs.student, s_name, "student"))
+                    losses.get_feature(inputs.student, s_name, "student"))
     t = embed.apply({"params": inputs.params["teacher"]},
-                    get_feature(inputs.teacher, t_name, "teacher"))
-    return correlation_congruence_loss(s, t, kernel=h["kernel"])
+                    losses.get_feature(inputs.teacher, t_name, "teacher"))
+    return losses.correlation_congruence_loss(s, t, kernel=h["kernel"])
 
   return _ce(h) + [Term("cc", fn, h["cc_weight"], init_params=init_params)]
 
 
 def _build_crd(h, ctx):
-  from kdjax.losses._contrastive import crd_term  # pylint: disable=g-import-not-at-top
   num_data = ctx.get("num_data")
   if num_data is None:
     raise ValueError(
         "CRD keeps a memory bank of one embedding per training example: "
         "build_loss(spec, num_data=N) needs the training-set size, and every "
         "batch needs batch['index'] (the examples' dataset indices).")
-  return _ce(h) + [crd_term(
+  return _ce(h) + [losses.crd_term(
       "crd", num_data=num_data, student_feature=h["student_feature"],
       teacher_feature=h["teacher_feature"], weight=h["crd_weight"],
       feat_dim=h["feat_dim"], nce_k=h["nce_k"], nce_t=h["nce_t"],
@@ -266,19 +258,18 @@ def _build_crd(h, ctx):
 
 def _build_ensemble(h, ctx):
   del ctx
-  from kdjax.losses._ensemble import multi_teacher_term  # pylint: disable=g-import-not-at-top
-  return _ce(h) + [multi_teacher_term(
+  return _ce(h) + [losses.multi_teacher_term(
       "multi_teacher", mode=h["mode"], weights=h["weights"],
       weight=h["kd_weight"], weight_temperature=h["weight_temperature"])]
 
 
 def _build_mean_teacher(h, ctx):
   del ctx
-  from kdjax.train._self_distillation import mean_teacher_loss  # pylint: disable=g-import-not-at-top
-  loss = mean_teacher_loss(consistency=h["consistency"],
-                           consistency_weight=h["consistency_weight"],
-                           rampup_steps=h["rampup_steps"],
-                           ce_weight=h["ce_weight"])
+  from kdjax import train  # pylint: disable=g-import-not-at-top
+  loss = train.mean_teacher_loss(consistency=h["consistency"],
+                                 consistency_weight=h["consistency_weight"],
+                                 rampup_steps=h["rampup_steps"],
+                                 ce_weight=h["ce_weight"])
   return list(loss.terms)
 
 
@@ -466,7 +457,7 @@ METHODS: dict = {s.name: s for s in [
 ]}
 
 
-def get_method(name: str, **overrides) -> MethodSpec:
+def get_method(name: str, **overrides: Any) -> MethodSpec:
   """The registered method ``name`` with hyper-parameter ``overrides``.
 
   Raises:

@@ -9,6 +9,8 @@ checks a loss against it (a top-k cache's temperature);
 in memory.
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -19,3 +21,13 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._teacher_output": ("CachedTeacherOutput", "cached_teacher_apply"),
     "._train": ("make_cached_train_step", "top_k_term"),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.cache._build import build_teacher_cache
+  from kdjax.cache._cache import (
+      CacheMismatchError, TeacherCache, check_loss_compatible,
+      open_teacher_cache)
+  from kdjax.cache._fingerprint import fingerprint_dataset, fingerprint_tree
+  from kdjax.cache._teacher_output import (
+      CachedTeacherOutput, cached_teacher_apply)
+  from kdjax.cache._train import make_cached_train_step, top_k_term

@@ -25,7 +25,9 @@ from kdjax.cache._format import MANIFEST
 from kdjax.cache._format import VERSION
 from kdjax.cache._format import write_manifest
 from kdjax.losses import top_k_teacher
-from kdjax.losses._ensemble import TEACHER_LOGITS_KEY
+from kdjax.models import ApplyFn
+from kdjax.models import TEACHER_LOGITS_KEY
+from kdjax.train import Policy
 from kdjax.train import teacher_forward
 
 
@@ -150,7 +152,7 @@ def _pad(batch: dict, size: int) -> tuple[dict, int]:
 
 
 def build_teacher_cache(path: str,
-                        teacher_apply,
+                        teacher_apply: ApplyFn,
                         teacher_variables: Any,
                         dataset: Union[Mapping[str, Any], Iterable[Mapping[str, Any]]],
                         *,
@@ -161,7 +163,7 @@ def build_teacher_cache(path: str,
                         batch_size: int = 256,
                         examples_per_shard: int = 16384,
                         dataset_fingerprint: Optional[str] = None,
-                        policy=None,
+                        policy: Optional[Policy] = None,
                         teacher_name: str = "teacher",
                         check_finite: bool = True,
                         overwrite: bool = False) -> TeacherCache:

@@ -32,6 +32,9 @@ from kdjax.cache._teacher_output import cached_teacher_apply
 # it as "kdjax.cache._cache:CacheMismatchError".
 class CacheMismatchError(ValueError):
   """The cache was built with another teacher, dataset, k or temperature."""
+  # A ``kdjax`` command that stops on this error exits with status 1 (a
+  # failure, not a usage error), even before its first step.
+  exit_code: int = 1
 
 
 _UNSET = object()

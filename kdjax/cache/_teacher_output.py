@@ -10,7 +10,7 @@ unchanged, with ``teacher_variables=None``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import chex
 import flax.struct
@@ -69,7 +69,8 @@ class CachedTeacherOutput:
 
 
 def cached_teacher_apply(*, num_classes: int, temperature: float = 1.0,
-                         key: str = TEACHER_KEY):
+                         key: str = TEACHER_KEY
+                         ) -> Callable[..., CachedTeacherOutput]:
   """An apply function that returns the teacher output stored in ``batch[key]``.
 
   ``batch[key]`` is ``{"logits": [B, C]}`` or ``{"values", "indices",

@@ -9,9 +9,12 @@ import optax
 
 from kdjax.cache._cache import TeacherCache
 from kdjax.cache._cache import check_loss_compatible
+from kdjax.losses import ComposedLoss
 from kdjax.losses import TermInputs
 from kdjax.losses import top_k_divergence
 from kdjax.losses import top_k_teacher
+from kdjax.models import ApplyFn
+from kdjax.train import StepFn
 from kdjax.train import StepOptions
 from kdjax.train import make_train_step
 
@@ -21,7 +24,7 @@ def top_k_term(*,
                divergence: str = "kl",
                tail_bucket: bool = True,
                mask_key: Optional[str] = "mask",
-               **kwargs) -> Callable[[TermInputs], chex.Array]:
+               **kwargs: Any) -> Callable[[TermInputs], chex.Array]:
   r"""A loss term comparing the student with the teacher's top-k distribution.
 
   ``top_k_divergence(student_logits, teacher_top_k, T)`` (see
@@ -60,12 +63,12 @@ def top_k_term(*,
   return term
 
 
-def make_cached_train_step(student_apply,
+def make_cached_train_step(student_apply: ApplyFn,
                            cache: TeacherCache,
-                           loss_fn,
+                           loss_fn: ComposedLoss,
                            optimizer: optax.GradientTransformation,
                            options: Optional[StepOptions] = None,
-                           **step_kwargs: Any):
+                           **step_kwargs: Any) -> StepFn:
   """The train step of offline distillation: the teacher's outputs come from the batch.
 
   :func:`check_loss_compatible` (``cache``, ``loss_fn``), then

@@ -11,6 +11,8 @@
   :func:`restore_teacher` (read-only, into the current mesh's shardings).
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -23,3 +25,13 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._manager": ("DistillCheckpointer",),
     "._restore": ("RestoredRun",),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.checkpoint._export import export_student, restore_teacher
+  from kdjax.checkpoint._integrity import (
+      CheckpointCorruptedError, CheckpointError, StructureMismatchError,
+      TeacherMismatchError, tree_checksums, tree_fingerprint)
+  from kdjax.checkpoint._iterator import ArrayBatchIterator, ResumableIterator
+  from kdjax.checkpoint._layout import abstract_like
+  from kdjax.checkpoint._manager import DistillCheckpointer
+  from kdjax.checkpoint._restore import RestoredRun

@@ -28,6 +28,9 @@ import numpy as np
 
 class CheckpointError(ValueError):
   """Base class of kdjax checkpoint errors."""
+  # A ``kdjax`` command that stops on this error exits with status 1 (a
+  # failure, not a usage error), even before its first step.
+  exit_code: int = 1
 
 
 class CheckpointCorruptedError(CheckpointError):

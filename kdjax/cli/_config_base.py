@@ -22,8 +22,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-class ConfigError(ValueError):
-  """An invalid run configuration (unknown key, wrong type, unknown method)."""
+from kdjax.cli import errors
+
+
+class ConfigError(errors.UsageError, ValueError):
+  """An invalid run configuration (unknown key, wrong type, unknown method).
+
+  A :class:`~kdjax.cli.errors.UsageError` (exit status 2) and a ``ValueError``.
+  """
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from kdjax.cli import errors
-from kdjax.cli.config import ConfigError
+from kdjax.cli._config_base import ConfigError
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 2048, 512
 FASHION_MNIST_BUILDER = "kdjax_fashion_mnist"
@@ -287,14 +287,14 @@ def resolve(data: dict) -> dict:
 def _idx_split(data: Mapping[str, Any], which: str
                ) -> tuple[np.ndarray, np.ndarray]:
   """The Fashion-MNIST IDX arrays of a split (``data.source: idx``)."""
-  from kdjax.data import _idx  # pylint: disable=g-import-not-at-top
+  from kdjax.data import load_fashion_mnist_split  # pylint: disable=g-import-not-at-top
   split = _split(data, which)
   if split not in IDX_SPLITS:
     key = "data.train_split" if which == "train" else "data.eval_split"
     raise ConfigError(f"config key {key!r}: the Fashion-MNIST IDX files hold "
                       f"the splits {', '.join(IDX_SPLITS)}, not {split!r}.")
   try:
-    return _idx.load_fashion_mnist_split(split, data["dir"])
+    return load_fashion_mnist_split(split, data["dir"])
   except FileNotFoundError as e:
     raise errors.MissingDataError(
         f"config key 'data.dir' ({data['dir']}): {e}") from None

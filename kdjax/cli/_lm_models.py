@@ -5,7 +5,7 @@ an :class:`LMModel`: the apply function with logits (sliced to the
 tokenizer's vocabulary), the memory-lean apply function (final hidden states
 plus the unembedding, no ``[B, T, V]`` logits), fresh variables, and
 generation (a KV-cached sampler inside ``jit``: :func:`kdjax.lm.generate`,
-or :func:`kdjax.lm._tunix.tunix_generate` for Tunix models).
+or :func:`kdjax.lm.tunix_generate` for Tunix models).
 
 Tunix's models keep their parameters in an ``nnx.State``; here they are a
 plain nested dict of arrays (string keys, the state's paths), which
@@ -149,26 +149,29 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def _tunix_module():
+def _tunix_lm():
+  """``kdjax.lm`` with its Tunix families imported (MissingDependencyError
+  when they cannot be)."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
   try:
-    from kdjax.lm import _tunix  # pylint: disable=g-import-not-at-top
+    lm.tunix_model_config  # pylint: disable=pointless-statement
   except ImportError as e:
     raise errors.MissingDependencyError(
         "the model families qwen3, llama3 and gemma3 need google-tunix: pip "
         "install 'kdjax[tunix]'.") from e
-  return _tunix
+  return lm
 
 
 def _build_tunix(section, rows, vocab_size, seed, side) -> LMModel:
-  _tunix = _tunix_module()
+  lm = _tunix_lm()
   family = section["family"]
   kwargs = dict(section["kwargs"])
   size = section["size"]
   if size == "tiny" or "vocab_size" in kwargs:
     kwargs["vocab_size"] = rows
   try:
-    config = _tunix.tunix_model_config(family, size, **kwargs)
-    model = _tunix.init_tunix_model(family, config, seed)
+    config = lm.tunix_model_config(family, size, **kwargs)
+    model = lm.init_tunix_model(family, config, seed)
   except ImportError as e:
     raise errors.MissingDependencyError(str(e)) from None
   except (TypeError, ValueError) as e:
@@ -181,7 +184,7 @@ def lm_from_tunix(model, family: str, vocab_size: int, name: str,
                   side: str) -> LMModel:
   """The :class:`LMModel` of a Tunix model instance (random, or loaded from
   a Hugging Face checkpoint)."""
-  _tunix = _tunix_module()
+  lm = _tunix_lm()
   config = model.config
   rows = int(getattr(config, "num_embed" if family == "gemma3"
                      else "vocab_size"))
@@ -190,10 +193,9 @@ def lm_from_tunix(model, family: str, vocab_size: int, name: str,
         f"the {side} ({name}) has {rows} vocabulary rows but the tokenizer "
         f"has {vocab_size} ids: a tokenizer larger than the model's "
         "vocabulary cannot be used with it.")
-  apply_nnx, variables = _tunix.make_tunix_lm_apply(model,
-                                                    vocab_size=vocab_size)
-  lean_nnx, _ = _tunix.make_tunix_lm_apply(model, compute_logits=False,
-                                           vocab_size=vocab_size)
+  apply_nnx, variables = lm.make_tunix_lm_apply(model, vocab_size=vocab_size)
+  lean_nnx, _ = lm.make_tunix_lm_apply(model, compute_logits=False,
+                                       vocab_size=vocab_size)
   params = _NNXParams(variables["params"])
 
   def wrap(fn):
@@ -206,12 +208,12 @@ def lm_from_tunix(model, family: str, vocab_size: int, name: str,
     return {"params": params.to_state(variables["params"])}
 
   def rollout(sampling):
-    inner = _tunix.make_tunix_rollout_fn(apply_nnx, sampling)
+    inner = lm.make_tunix_rollout_fn(apply_nnx, sampling)
     return lambda variables, batch, rng: inner(to_nnx(variables), batch, rng)
 
   def generate(variables, tokens, prompt_len, rng, sampling):
-    return _tunix.tunix_generate(apply_nnx, to_nnx(variables), tokens,
-                                 prompt_len, rng, sampling)
+    return lm.tunix_generate(apply_nnx, to_nnx(variables), tokens,
+                             prompt_len, rng, sampling)
 
   return LMModel(
       family=family, apply=wrap(apply_nnx), lean_apply=wrap(lean_nnx),
@@ -225,19 +227,18 @@ _HF_CACHE: dict = {}
 
 
 def load_hf(path: str):
-  """The :class:`kdjax.lm._hf.HFCheckpoint` at ``path`` (read once per
+  """The :class:`kdjax.lm.HFCheckpoint` at ``path`` (read once per
   process; a missing directory is a MissingRunError)."""
   if path not in _HF_CACHE:
     if not os.path.isdir(path):
       raise errors.MissingRunError(
           f"config key 'teacher.hf_path': no Hugging Face checkpoint "
           f"directory at {path}.")
-    _tunix_module()
-    from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
+    lm = _tunix_lm()
     _check_hf_tokenizer(path)
     try:
-      _HF_CACHE[path] = _hf.load_hf_checkpoint(path)
-    except _hf.HFCheckpointError as e:
+      _HF_CACHE[path] = lm.load_hf_checkpoint(path)
+    except lm.HFCheckpointError as e:
       # Found before the run starts: the teacher directory is the config's
       # to fix (a truncated file, tensors that contradict config.json, a
       # feature Tunix cannot run), exit 2 as for any bad teacher.
@@ -249,7 +250,7 @@ def _check_hf_tokenizer(path: str) -> None:
   """A ConfigError (exit 2, as for any model) when the checkpoint's
   tokenizer.json emits ids beyond its config's vocabulary (checked before
   the tensors are read)."""
-  from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
   tok_path = os.path.join(path, "tokenizer.json")
   cfg_path = os.path.join(path, "config.json")
   if not (os.path.exists(tok_path) and os.path.exists(cfg_path)):
@@ -266,9 +267,9 @@ def _check_hf_tokenizer(path: str) -> None:
   if not isinstance(vocab, int):
     return
   try:
-    _hf.check_tokenizer_fits(tokenizer, vocab,
-                             what=f"the checkpoint at {path}")
-  except _hf.HFCheckpointError as e:
+    lm.check_tokenizer_fits(tokenizer, vocab,
+                            what=f"the checkpoint at {path}")
+  except lm.HFCheckpointError as e:
     raise ConfigError(f"config key 'teacher.hf_path': {e}") from None
 
 
@@ -286,12 +287,12 @@ def model_of(config: Mapping[str, Any], side: str, vocab_size: int
                          f"{ck.family} from {hf}", side)
   s = config["student"]
   if side == "student" and s["init"] == "teacher_layers":
-    from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
+    from kdjax import lm  # pylint: disable=g-import-not-at-top
     ck = load_hf(hf)
     keep = list(s["keep_layers"]) or "every_other"
     try:
-      model = _hf.student_from_teacher(ck, keep_layers=keep,
-                                       dtype=s["dtype"])
+      model = lm.student_from_teacher(ck, keep_layers=keep,
+                                      dtype=s["dtype"])
     except ValueError as e:
       raise ConfigError(f"config key 'student.keep_layers': {e}") from None
     return lm_from_tunix(model, ck.family, vocab_size,

@@ -411,16 +411,17 @@ def write_hf(config, run_dir: str, student: _lm_models.LMModel, tokenizer,
              out) -> None:
   """Writes the trained student as a Hugging Face directory (distill.hf_out)."""
   try:
-    from kdjax.lm import _hf  # pylint: disable=g-import-not-at-top
+    from kdjax.lm import save_hf_checkpoint  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise errors.MissingDependencyError(
-        "distill.hf_out needs kdjax.lm._hf (safetensors).") from e
-  from kdjax.lm import _tunix  # pylint: disable=g-import-not-at-top
+        "distill.hf_out needs kdjax.lm.save_hf_checkpoint (safetensors)."
+    ) from e
+  from kdjax.lm import rebuild_model  # pylint: disable=g-import-not-at-top
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
   run = _lm_models.read_lm_run(run_dir)
   variables = run.restore(student)
-  model = _tunix.rebuild_model(student.tunix_model,
-                               student.to_nnx(variables)["params"])
+  model = rebuild_model(student.tunix_model,
+                        student.to_nnx(variables)["params"])
   path = config["distill"]["hf_out"]
   hf = config["teacher"]["hf_path"]
   hf_config = None
@@ -434,7 +435,7 @@ def write_hf(config, run_dir: str, student: _lm_models.LMModel, tokenizer,
   # Recorded first: an export cut short may be retried by the same command.
   with open(os.path.join(run_dir, HF_EXPORT_FILE), "w") as f:
     json.dump({"path": os.path.abspath(path), "dtype": dtype}, f)
-  _hf.save_hf_checkpoint(
+  save_hf_checkpoint(
       path, student.family, model, hf_config=hf_config, dtype=dtype,
       tokenizer=(None if tokenizer.json_text is None
                  else Tokenizer.from_str(tokenizer.json_text)))

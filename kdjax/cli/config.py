@@ -32,6 +32,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from kdjax.cli import _config_base
+from kdjax.cli._arch import import_arch
 from kdjax.cli._config_base import ConfigError
 from kdjax.cli._config_base import Field
 from kdjax.cli._config_base import _as_float
@@ -230,8 +231,7 @@ def _validate_models(config: dict) -> None:
           f"config key '{side}.arch' must be one of {', '.join(BUILTIN_ARCHS)} "
           f"or an import path 'package.module:ClassName' of a Flax linen or "
           f"NNX module, got {arch!r}{hint}.")
-    from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
-    _models.import_arch(arch, f"{side}.arch")
+    import_arch(arch, f"{side}.arch")
 
 
 def _validate_data(config: dict) -> None:

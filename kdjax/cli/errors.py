@@ -17,17 +17,21 @@ status  meaning
 143     stopped by SIGTERM; training saved a checkpoint first
 ======  ==================================================================
 
-:func:`kdjax.cli.main.exit_status` maps an exception to its status: by type
-(:class:`UsageError` and its subclasses, ``ConfigError``, ``FileNotFoundError``
-and the other path errors, ``ImportError``: 2; the rest: 1), except that an
-exception raised inside :func:`during_run` (the training loop) is always a
-failure during the run (1). This module imports only the standard library.
+:func:`kdjax.cli.main.exit_status` maps an exception to its status. kdjax's
+error classes carry it as a class attribute ``exit_code``
+(:func:`exit_code_of`): :class:`UsageError` and its subclasses (``ConfigError``
+among them) 2; :class:`RunError` and the library's errors of state on disk
+(``kdjax.checkpoint.CheckpointError``, ``kdjax.cache.CacheMismatchError``,
+``kdjax.data.DataError``) 1. Python's own: ``FileNotFoundError`` and the other
+path errors, ``ImportError``: 2; the rest: 1. An exception raised inside
+:func:`during_run` (the training loop) is always a failure during the run (1).
+This module imports only the standard library.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -46,6 +50,7 @@ class UsageError(Exception):
   path, or a value that makes the run impossible; its message is printed as
   one line, without a traceback, and should say how to fix it.
   """
+  exit_code: int = EXIT_USAGE
 
 
 class MissingRunError(UsageError, FileNotFoundError):
@@ -69,6 +74,18 @@ class MissingDependencyError(UsageError, ImportError):
 
 class RunError(Exception):
   """A failure during a run (exit status 1), e.g. a loss that turned NaN."""
+  exit_code: int = EXIT_FAILURE
+
+
+def exit_code_of(exc: BaseException) -> Optional[int]:
+  """The exit status that ``exc``'s class declares (``exit_code``), or None.
+
+  The library's error classes (``kdjax.checkpoint.CheckpointError``, ...)
+  carry one too; reading it needs no import of their modules (which import
+  JAX), so the error path of the command line stays light.
+  """
+  code = getattr(type(exc), "exit_code", None)
+  return code if isinstance(code, int) else None
 
 
 @contextlib.contextmanager

@@ -443,17 +443,16 @@ def cmd_report(args) -> int:
 # kdjax.cli._models.RUN_META (not imported here: it imports JAX).
 _RUN_META = "run.json"
 
-# Fixable before the run starts: a path the user gave (a run directory,
-# teacher run or cache, data directory or file, an export target) or a
-# package to install.
-_USAGE_TYPES = (ConfigError, errors.UsageError, FileNotFoundError,
-                NotADirectoryError, IsADirectoryError, FileExistsError,
-                ImportError)
+# Python's errors that are fixable before the run starts: a path the user
+# gave (a run directory, teacher run or cache, data directory or file, an
+# export target) or a package to install. kdjax's own errors carry their
+# status (``exit_code``: ConfigError and the other UsageErrors 2).
+_USAGE_TYPES = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                FileExistsError, ImportError)
 
-# kdjax's own checks during a run (a value a loss rejects, a shape, a NaN): one
-# line. The checkpoint, cache and data errors derive from ValueError.
-_ONE_LINE_TYPES = (ValueError, TypeError, KeyError, FloatingPointError,
-                   errors.RunError)
+# Checks during a run (a value a loss rejects, a shape, a NaN): one line, as
+# for kdjax's errors whose class declares a failure (``exit_code`` 1).
+_ONE_LINE_TYPES = (ValueError, TypeError, KeyError, FloatingPointError)
 
 
 def _check_run_dir(path: str, lm: Optional[bool] = None) -> None:
@@ -482,33 +481,16 @@ def _check_run_dir(path: str, lm: Optional[bool] = None) -> None:
                             "run; use `kdjax eval` for it.")
 
 
-def _loaded_types(*names: str) -> tuple:
-  """The exception classes ``module:Class`` of the modules already imported
-  (an exception of a module never imported cannot have been raised; the
-  look-up imports nothing: no JAX or orbax on the error path)."""
-  found = []
-  for name in names:
-    module, cls = name.split(":")
-    if module in sys.modules and hasattr(sys.modules[module], cls):
-      found.append(getattr(sys.modules[module], cls))
-  return tuple(found)
-
-
-# Errors of state on disk that is corrupt or does not match (not a missing
-# path): failures (1), even when found before the first step.
-_FAILURE_TYPE_NAMES = ("kdjax.checkpoint._integrity:CheckpointError",
-                       "kdjax.cache._cache:CacheMismatchError",
-                       "kdjax.data._idx:DataError")
-
-
 def exit_status(exc: BaseException) -> int:
   """The exit status of a command that raised ``exc`` (:mod:`kdjax.cli.errors`).
 
-  2: what the user fixes before the run starts (a config error, a
-  :class:`~kdjax.cli.errors.UsageError`, a missing path, a missing package);
-  1: a failure during the run (anything raised inside
-  :func:`kdjax.cli.errors.during_run`, a corrupt or mismatched checkpoint or
-  cache, an unreadable data file, anything else); 130 for an interrupt.
+  Anything raised inside :func:`kdjax.cli.errors.during_run` is a failure
+  during the run (1); else the ``exit_code`` that kdjax's error classes carry
+  (:func:`kdjax.cli.errors.exit_code_of`: 2 for a config error or another
+  :class:`~kdjax.cli.errors.UsageError`, 1 for a corrupt or mismatched
+  checkpoint or cache, an unreadable data file, a
+  :class:`~kdjax.cli.errors.RunError`); 2 for a missing path or package; 1
+  for anything else; 130 for an interrupt.
   """
   if isinstance(exc, KeyboardInterrupt):
     return errors.EXIT_SIGINT
@@ -516,8 +498,9 @@ def exit_status(exc: BaseException) -> int:
     return exc.code if isinstance(exc.code, int) else errors.EXIT_USAGE
   if errors.raised_during_run(exc):
     return errors.EXIT_FAILURE
-  if isinstance(exc, _loaded_types(*_FAILURE_TYPE_NAMES)):
-    return errors.EXIT_FAILURE
+  code = errors.exit_code_of(exc)
+  if code is not None:
+    return code
   if isinstance(exc, _USAGE_TYPES):
     return errors.EXIT_USAGE
   return errors.EXIT_FAILURE
@@ -544,7 +527,8 @@ def report_error(command: str, exc: Exception) -> Optional[int]:
     line = f"kdjax {command}: config error: {_one_line(exc)}"
   elif status == errors.EXIT_USAGE:
     line = f"kdjax {command}: error: {_one_line(exc)}"
-  elif isinstance(exc, _ONE_LINE_TYPES + _loaded_types(*_FAILURE_TYPE_NAMES)):
+  elif (isinstance(exc, _ONE_LINE_TYPES)
+        or errors.exit_code_of(exc) == errors.EXIT_FAILURE):
     line = f"kdjax {command}: error: {type(exc).__name__}: {_one_line(exc)}"
     if not os.environ.get("KDJAX_TRACEBACK"):
       line += " (set KDJAX_TRACEBACK=1 for the traceback)"

@@ -16,6 +16,8 @@
   per-example activation scales, per-output-channel weight scales).
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -28,3 +30,13 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
         "fake_quant_params", "quant_scale", "quantize_apply",
         "quantize_to_int", "qwix_quantize_module"),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.compress._export import (
+      export_for_inference, quantize_for_storage, directory_size, LOADER_SOURCE)
+  from kdjax.compress._prune import (
+      PruneState, apply_masks, check_sparsity, compute_masks, current_masks,
+      kernel_mask, prune, prune_params, sparsity_of, sparsity_schedule)
+  from kdjax.compress._quant import (
+      SUPPORTED_BITS, QuantConfig, check_bits, fake_quant, fake_quant_params,
+      quant_scale, quantize_apply, quantize_to_int, qwix_quantize_module)

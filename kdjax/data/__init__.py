@@ -5,6 +5,8 @@ kdjax.data`` imports no JAX, and tensorflow-datasets and grain are imported
 only inside the modules that use them.
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -22,3 +24,14 @@ __all__ = [n for n in __all__ if n not in (
     "KdjaxFashionMnist", "FashionMnistConfig", "prepare_fashion_mnist",
     "load_source", "BUILDER_NAME")]
 
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.data._idx import (
+      DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, DataError,
+      load_fashion_mnist_split, read_idx)
+  from kdjax.data.augment import augment_batch, mixup, random_crop, random_flip
+  from kdjax.data.pipeline import (
+      FASHION_MNIST_MEAN, FASHION_MNIST_STD, ArraySource, InputPipeline,
+      fashion_mnist_source, shard_range)
+  from kdjax.data.tfds_fashion_mnist import (
+      KdjaxFashionMnist, FashionMnistConfig, prepare_fashion_mnist, load_source,
+      BUILDER_NAME)

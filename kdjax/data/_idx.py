@@ -34,6 +34,9 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
 
 class DataError(ValueError):
   """A dataset file is missing, corrupt, or holds invalid values."""
+  # A ``kdjax`` command that stops on this error exits with status 1 (a
+  # failure, not a usage error), even before its first step.
+  exit_code: int = 1
 
 
 def read_idx(path: str) -> np.ndarray:

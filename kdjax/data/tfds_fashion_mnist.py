@@ -227,7 +227,7 @@ def load_source(name: str = BUILDER_NAME,
                 source_dir: Optional[str] = None,
                 max_examples: Optional[int] = None,
                 download: bool = True,
-                **data_source_kwargs: Any):
+                **data_source_kwargs: Any) -> Any:
   """Returns a random-access source (``len``, ``[i]``) of ``name``'s ``split``.
 
   ``name == "kdjax_fashion_mnist"`` (optionally ``".../<config>"``) builds the

@@ -14,6 +14,8 @@ checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
 ``save_hf_checkpoint``).
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -41,3 +43,32 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
         "rebuild_model", "tunix_family", "tunix_generate", "tunix_model_config",
         "tunix_presets", "tunix_unembedding", "tunix_vocab_rows"),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.lm._cross_tokenizer import (
+      TEACHER_PREFIX, PairTokenizer, make_cross_tokenizer_batch,
+      make_teacher_lm_apply, make_uld_loss, uld_term)
+  from kdjax.lm._data import (
+      ByteTokenizer, iterate_batches, make_lm_batch, text_examples)
+  from kdjax.lm._distill import (
+      MASK_KEY, TARGET_KEY, align_vocab, build_lm_step_fn, check_vocabularies,
+      lm_step_options, make_lm_train_step, token_ce_term, token_divergence_sums,
+      token_kd_term)
+  from kdjax.lm._generate import (
+      GenerationOutput, SamplingConfig, batch_from_generation, generate,
+      make_rollout_fn, sample_logits)
+  from kdjax.lm._hf import (
+      HFCheckpoint, check_same_tokenizer, check_tokenizer_fits,
+      load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint,
+      student_from_teacher)
+  from kdjax.lm._hf_config import HFCheckpointError, tunix_config_from_hf
+  from kdjax.lm._lean import lean_token_ce_term, lean_token_kd_term
+  from kdjax.lm._model import (
+      DecoderLM, TransformerConfig, init_cache, init_lm, make_lm_apply,
+      unembedding)
+  from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
+  from kdjax.lm._tunix import (
+      FAMILIES, TUNIX_FAMILIES, init_tunix_cache, init_tunix_model,
+      make_tunix_lm_apply, make_tunix_rollout_fn, rebuild_model, tunix_family,
+      tunix_generate, tunix_model_config, tunix_presets, tunix_unembedding,
+      tunix_vocab_rows)

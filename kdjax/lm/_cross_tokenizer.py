@@ -11,8 +11,8 @@ own tokens with ``make_lm_apply(teacher_config, input_key="teacher_tokens")``
 (:func:`make_teacher_lm_apply`).
 
 :func:`uld_term` is the ULD term (Boizard et al. 2024, arXiv 2402.12030;
-``kdjax.losses._uld``) alone, as a ``kdjax.losses.Term`` function; the paper's
-objective ``CE + lambda * ULD`` is the composition of
+``kdjax.losses.uld_loss``) alone, as a ``kdjax.losses.Term`` function; the
+paper's objective ``CE + lambda * ULD`` is the composition of
 ``kdjax.lm.token_ce_term()`` (weight 1, ``needs_teacher=False``) and
 ``uld_term()`` (weight ``lambda``), which :func:`make_uld_loss` builds. Both
 parts are then reported separately in the step's metrics.
@@ -27,19 +27,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import numpy as np
 
 from kdjax import losses
 from kdjax.losses import TermInputs
-from kdjax.losses import _uld
 from kdjax.lm._data import make_lm_batch
 from kdjax.lm._distill import MASK_KEY
 from kdjax.lm._distill import TARGET_KEY
 from kdjax.lm._distill import token_ce_term
+from kdjax.lm._model import TransformerConfig
 from kdjax.lm._model import make_lm_apply
+from kdjax.models import ApplyFn
 
 TEACHER_PREFIX = "teacher_"
 
@@ -150,8 +151,8 @@ def _encode_pairs(tokenizer, prompts, completions, add_eos):
 
 def make_cross_tokenizer_batch(prompts: Sequence[str],
                                completions: Sequence[str],
-                               student_tokenizer,
-                               teacher_tokenizer,
+                               student_tokenizer: Any,
+                               teacher_tokenizer: Any,
                                seq_len: int,
                                *,
                                teacher_seq_len: Optional[int] = None,
@@ -196,8 +197,9 @@ def make_cross_tokenizer_batch(prompts: Sequence[str],
   return batch
 
 
-def make_teacher_lm_apply(config, *, prefix: str = TEACHER_PREFIX,
-                          return_hidden: bool = False):
+def make_teacher_lm_apply(config: TransformerConfig, *,
+                          prefix: str = TEACHER_PREFIX,
+                          return_hidden: bool = False) -> ApplyFn:
   """The teacher's apply, reading its own tokens ``batch[prefix + "tokens"]``.
 
   ``kdjax.lm.make_lm_apply(config, input_key=prefix + "tokens")``.
@@ -207,8 +209,8 @@ def make_teacher_lm_apply(config, *, prefix: str = TEACHER_PREFIX,
 
 
 def uld_term(*,
-             temperature=None,
-             teacher_temperature=None,
+             temperature: Optional[chex.Numeric] = None,
+             teacher_temperature: Optional[chex.Numeric] = None,
              student_vocab_size: Optional[int] = None,
              teacher_vocab_size: Optional[int] = None,
              top_k: Optional[int] = None,
@@ -218,7 +220,7 @@ def uld_term(*,
              ) -> Callable[[TermInputs], chex.Array]:
   r"""The ULD term alone, as a ``Term`` function (Boizard et al. 2024).
 
-  ``term(inputs) = kdjax.losses._uld.uld_loss(z_s[..., :V_s], m_s,
+  ``term(inputs) = kdjax.losses.uld_loss(z_s[..., :V_s], m_s,
   z_t[..., :V_t], m_t, T)`` with ``z_s = inputs.student.logits [B, T_s,
   rows_s]``, ``z_t = inputs.teacher.logits [B, T_t, rows_t]``, ``m_s =
   batch[student_mask_key]``, ``m_t = batch[teacher_mask_key]``: the sorted-
@@ -236,7 +238,7 @@ def uld_term(*,
       which matters because ULD sorts over every row. ``None``: all rows.
     teacher_vocab_size: likewise ``V_t`` for the teacher.
     top_k: optional approximation (see
-      ``kdjax.losses._uld.sorted_probability_distance``).
+      ``kdjax.losses.sorted_probability_distance``).
     average: ``"sequence"`` (reference code) or ``"token"``. With gradient
       accumulation (``make_lm_train_step(accumulation_steps=n)``) the step
       weights micro-batches by their student ``loss_mask`` counts, while ULD
@@ -245,10 +247,7 @@ def uld_term(*,
     student_mask_key: batch key of the student's response mask ``[B, T_s]``.
     teacher_mask_key: batch key of the teacher's response mask ``[B, T_t]``.
   """
-  if average not in _uld.AVERAGES:
-    raise ValueError(f"average must be one of {_uld.AVERAGES}, got "
-                     f"{average!r}.")
-  _uld._check_top_k(top_k)  # pylint: disable=protected-access
+  losses.check_uld_options(top_k=top_k, average=average)
 
   def term(inputs: TermInputs) -> chex.Array:
     if inputs.teacher is None:
@@ -262,10 +261,10 @@ def uld_term(*,
     t_logits = _slice_vocab(inputs.teacher.logits, teacher_vocab_size,
                             "teacher")
     t = inputs.temperature if temperature is None else temperature
-    return _uld.uld_loss(s_logits, inputs.batch[student_mask_key], t_logits,
-                         inputs.batch[teacher_mask_key], t,
-                         teacher_temperature=teacher_temperature, top_k=top_k,
-                         average=average)
+    return losses.uld_loss(s_logits, inputs.batch[student_mask_key], t_logits,
+                           inputs.batch[teacher_mask_key], t,
+                           teacher_temperature=teacher_temperature,
+                           top_k=top_k, average=average)
 
   return term
 
@@ -281,11 +280,11 @@ def _slice_vocab(logits, vocab_size, who):
   return logits if rows == vocab_size else logits[..., :vocab_size]
 
 
-def make_uld_loss(uld_weight=1.0,
+def make_uld_loss(uld_weight: losses.ScalarOrSchedule = 1.0,
                   *,
-                  temperature=1.0,
-                  teacher_temperature=None,
-                  ce_weight=1.0,
+                  temperature: losses.ScalarOrSchedule = 1.0,
+                  teacher_temperature: Optional[chex.Numeric] = None,
+                  ce_weight: losses.ScalarOrSchedule = 1.0,
                   student_vocab_size: Optional[int] = None,
                   teacher_vocab_size: Optional[int] = None,
                   top_k: Optional[int] = None,

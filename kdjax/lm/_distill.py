@@ -42,6 +42,7 @@ import optax
 from kdjax import losses
 from kdjax import train
 from kdjax.losses import TermInputs
+from kdjax.models import ApplyFn
 
 MASK_KEY = "loss_mask"
 TARGET_KEY = "targets"
@@ -105,8 +106,8 @@ def align_vocab(student_logits: chex.Array, teacher_logits: chex.Array,
 
 def token_kd_term(divergence: str = "kl",
                   *,
-                  beta=0.5,
-                  alpha=0.1,
+                  beta: float = 0.5,
+                  alpha: float = 0.1,
                   vocab_size: Optional[int] = None,
                   top_k: Optional[int] = None,
                   tail_bucket: bool = True,
@@ -214,13 +215,15 @@ def lm_step_options(options: Optional[train.StepOptions] = None,
   return train.StepOptions.of(options, **option_fields)
 
 
-def make_lm_train_step(student_apply, teacher_apply, loss_fn,
+def make_lm_train_step(student_apply: ApplyFn,
+                       teacher_apply: Optional[ApplyFn],
+                       loss_fn: losses.ComposedLoss,
                        optimizer: optax.GradientTransformation,
                        options: Optional[train.StepOptions] = None,
                        *,
                        donate: bool = True,
                        jit: bool = True,
-                       **option_fields: Any):
+                       **option_fields: Any) -> train.StepFn:
   """``kdjax.train.make_train_step`` with :func:`lm_step_options`.
 
   Gradient accumulation weights micro-batch ``i`` by its share of unmasked
@@ -232,10 +235,12 @@ def make_lm_train_step(student_apply, teacher_apply, loss_fn,
       lm_step_options(options, **option_fields), donate=donate, jit=jit)
 
 
-def build_lm_step_fn(student_apply, teacher_apply, loss_fn,
+def build_lm_step_fn(student_apply: ApplyFn,
+                     teacher_apply: Optional[ApplyFn],
+                     loss_fn: losses.ComposedLoss,
                      optimizer: optax.GradientTransformation,
                      options: Optional[train.StepOptions] = None,
-                     **option_fields: Any):
+                     **option_fields: Any) -> train.StepFn:
   """The un-jitted step of :func:`make_lm_train_step` (``kdjax.train.build_step``)."""
   return train.build_step(student_apply, teacher_apply, loss_fn, optimizer,
                           lm_step_options(options, **option_fields))

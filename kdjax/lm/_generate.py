@@ -23,7 +23,7 @@ rows and ``suppress_ids`` (PAD, BOS) are never sampled.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import chex
 import jax
@@ -135,14 +135,15 @@ def prepare_token_buffer(tokens: chex.Array, prompt_len: chex.Array,
 
 
 def generate(module: DecoderLM,
-             variables,
+             variables: Mapping[str, Any],
              tokens: chex.Array,
              prompt_len: chex.Array,
              rng: chex.PRNGKey,
              config: SamplingConfig,
              *,
              use_cache: bool = True,
-             cache_dtype=jnp.float32) -> GenerationOutput:
+             cache_dtype: jax.typing.DTypeLike = jnp.float32
+             ) -> GenerationOutput:
   """Continues each prompt until EOS or the end of the buffer (jit-safe).
 
   Args:

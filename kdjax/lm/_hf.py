@@ -394,9 +394,9 @@ def _keep_list(keep_layers, n: int) -> list:
 
 
 def student_from_teacher(
-    teacher, family: Optional[str] = None, *,
+    teacher: HFCheckpoint, family: Optional[str] = None, *,
     keep_layers: Union[str, Sequence[int]] = "every_other",
-    dtype: Any = None):
+    dtype: Any = None) -> Any:
   """A student of the teacher's family with some of its layers (DistilBERT).
 
   The student has the teacher's config except ``num_layers =
@@ -473,7 +473,7 @@ def student_from_teacher(
 # Export
 # --------------------------------------------------------------------------
 
-def save_hf_checkpoint(path: str, family: str, model, *,
+def save_hf_checkpoint(path: str, family: str, model: Any, *,
                        hf_config: Optional[Mapping[str, Any]] = None,
                        tokenizer: Optional[Tokenizer] = None,
                        dtype: Any = None) -> str:

@@ -18,9 +18,10 @@ same variables) there, e.g. for ``kdjax.train.make_eval_step``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import chex
+import jax
 
 from kdjax import losses
 from kdjax.losses import TermInputs
@@ -48,8 +49,8 @@ def _hidden_and_unembedding(output, who: str):
 
 def lean_token_kd_term(divergence: str = "kl",
                        *,
-                       beta=0.5,
-                       alpha=0.1,
+                       beta: chex.Numeric = 0.5,
+                       alpha: chex.Numeric = 0.1,
                        vocab_size: Optional[int] = None,
                        tail_bucket: bool = True,
                        mask_key: Optional[str] = MASK_KEY,
@@ -57,10 +58,11 @@ def lean_token_kd_term(divergence: str = "kl",
                        chunk_size: Optional[int] = None,
                        memory_budget_bytes: int = losses.DEFAULT_MEMORY_BUDGET_BYTES,
                        implementation: str = "fused",
-                       axis_name=None,
-                       mesh=None,
+                       axis_name: Union[str, Sequence[str], None] = None,
+                       mesh: Optional[jax.sharding.Mesh] = None,
                        vocab_axis: str = "model",
-                       token_axis=None) -> Callable[[TermInputs], chex.Array]:
+                       token_axis: Union[str, Sequence[str], None] = None
+                       ) -> Callable[[TermInputs], chex.Array]:
   r"""Token-level KD from hidden states (``kdjax.losses.divergence_from_hidden``).
 
   .. math::
@@ -135,10 +137,11 @@ def lean_token_ce_term(*,
                        chunk_size: Optional[int] = None,
                        memory_budget_bytes: int = losses.DEFAULT_MEMORY_BUDGET_BYTES,
                        implementation: str = "fused",
-                       axis_name=None,
-                       mesh=None,
+                       axis_name: Union[str, Sequence[str], None] = None,
+                       mesh: Optional[jax.sharding.Mesh] = None,
                        vocab_axis: str = "model",
-                       token_axis=None) -> Callable[[TermInputs], chex.Array]:
+                       token_axis: Union[str, Sequence[str], None] = None
+                       ) -> Callable[[TermInputs], chex.Array]:
   """The student's next-token cross-entropy from hidden states (no teacher).
 
   :func:`kdjax.lm.token_ce_term` without full logits

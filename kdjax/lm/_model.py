@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from kdjax.models import ApplyFn
 from kdjax.models import ModelOutput
 
 
@@ -205,7 +206,7 @@ def init_lm(config: TransformerConfig, rng: chex.PRNGKey,
 
 
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int,
-               dtype=jnp.float32) -> list:
+               dtype: jax.typing.DTypeLike = jnp.float32) -> list:
   """An empty KV cache: per layer ``{"k", "v"}`` of ``[B, max_len, H, D / H]``."""
   if max_len > config.max_len:
     raise ValueError(f"cache length {max_len} exceeds max_len={config.max_len}.")
@@ -230,7 +231,8 @@ def unembedding(params: Mapping[str, Any]) -> tuple[chex.Array, Optional[chex.Ar
 
 
 def make_lm_apply(config: TransformerConfig, *, input_key: str = "tokens",
-                  return_hidden: bool = False, compute_logits: bool = True):
+                  return_hidden: bool = False,
+                  compute_logits: bool = True) -> ApplyFn:
   """The ``kdjax`` apply function of a :class:`DecoderLM`.
 
   ``apply(variables, batch, *, train=False, rng=None) -> ModelOutput`` with

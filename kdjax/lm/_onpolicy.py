@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax import losses
 from kdjax import train
 from kdjax.lm._distill import MASK_KEY
 from kdjax.lm._distill import build_lm_step_fn
 from kdjax.lm._generate import SamplingConfig
+from kdjax.models import ApplyFn
 from kdjax.lm._generate import make_rollout_fn
 
 _GKD_SALT = 0x6B64  # "kd": the stream of the on-policy coin and sampling
@@ -71,16 +73,18 @@ def _after_rollout(inner: Callable, rollout: Callable, *, jit: bool,
   return train.compile_step(step, donate=donate) if jit else step
 
 
-def make_gkd_train_step(student_apply, teacher_apply, loss_fn,
+def make_gkd_train_step(student_apply: ApplyFn,
+                        teacher_apply: ApplyFn,
+                        loss_fn: losses.ComposedLoss,
                         optimizer: optax.GradientTransformation,
                         options: Optional[train.StepOptions] = None,
                         *,
                         lmbda: float,
                         sampling: SamplingConfig,
-                        rollout_fn=None,
+                        rollout_fn: Optional[Callable[..., Any]] = None,
                         donate: bool = True,
                         jit: bool = True,
-                        **option_fields: Any):
+                        **option_fields: Any) -> train.StepFn:
   """The GKD step ``step(state, teacher_variables, batch) -> (state, metrics)``.
 
   Args:
@@ -127,15 +131,17 @@ def make_gkd_train_step(student_apply, teacher_apply, loss_fn,
   return _after_rollout(inner, rollout, jit=jit, donate=donate)
 
 
-def make_sequence_kd_step(student_apply, teacher_apply, loss_fn,
+def make_sequence_kd_step(student_apply: ApplyFn,
+                          teacher_apply: ApplyFn,
+                          loss_fn: losses.ComposedLoss,
                           optimizer: optax.GradientTransformation,
                           options: Optional[train.StepOptions] = None,
                           *,
                           sampling: SamplingConfig,
-                          rollout_fn=None,
+                          rollout_fn: Optional[Callable[..., Any]] = None,
                           donate: bool = True,
                           jit: bool = True,
-                          **option_fields: Any):
+                          **option_fields: Any) -> train.StepFn:
   """Sequence-level KD (Kim & Rush 2016): train on the teacher's generations.
 
   ``step(state, teacher_variables, batch)``: the teacher continues each prompt

@@ -74,6 +74,7 @@ from kdjax.lm._generate import _valid_lengths
 from kdjax.lm._generate import batch_from_generation
 from kdjax.lm._generate import prepare_token_buffer
 from kdjax.lm._generate import sample_logits
+from kdjax.models import ApplyFn
 from kdjax.models import ModelOutput
 
 FAMILIES = ("qwen3", "llama3", "gemma3")
@@ -138,7 +139,7 @@ def _vocab_field(family: str) -> str:
 
 def tunix_model_config(family: str,
                        size: Union[str, Mapping[str, Any]] = "tiny",
-                       **overrides):
+                       **overrides: Any) -> Any:
   """Tunix's ``ModelConfig`` of ``family``.
 
   Args:
@@ -210,12 +211,12 @@ def _check_config(family: str, config) -> None:
                      "(rotary embeddings).")
 
 
-def tunix_vocab_rows(family: str, config) -> int:
+def tunix_vocab_rows(family: str, config: Any) -> int:
   """The number of embedding rows of a family's config."""
   return int(getattr(config, _vocab_field(_check_family(family))))
 
 
-def tunix_family(model) -> str:
+def tunix_family(model: Any) -> str:
   """The family (``"qwen3"``, ``"llama3"``, ``"gemma3"``) of a Tunix model instance."""
   module = type(model).__module__
   for family in FAMILIES:
@@ -226,8 +227,8 @@ def tunix_family(model) -> str:
       f"{FAMILIES} models (tunix.models.<family>.model).")
 
 
-def init_tunix_model(family: str, config, seed: int = 0, *,
-                     redraw_zero_kernels: bool = True):
+def init_tunix_model(family: str, config: Any, seed: int = 0, *,
+                     redraw_zero_kernels: bool = True) -> Any:
   """A randomly initialised Tunix model (``nnx.Module``).
 
   Tunix initialises the MLP kernels (``gate_proj``, ``up_proj``,
@@ -324,7 +325,7 @@ def _value(x):
   return x.get_value() if hasattr(x, "get_value") else getattr(x, "value", x)
 
 
-def tunix_unembedding(variables_or_model, family: Optional[str] = None
+def tunix_unembedding(variables_or_model: Any, family: Optional[str] = None
                       ) -> tuple[chex.Array, None]:
   """The unembedding ``(kernel [D, V], None)`` of a Tunix model.
 
@@ -352,10 +353,11 @@ def tunix_unembedding(variables_or_model, family: Optional[str] = None
                    f"{e} (top-level keys: {keys}).") from e
 
 
-def make_tunix_lm_apply(model, *, input_key: str = "tokens",
+def make_tunix_lm_apply(model: Any, *, input_key: str = "tokens",
                         return_hidden: bool = False,
                         compute_logits: bool = True,
-                        vocab_size: Optional[int] = None):
+                        vocab_size: Optional[int] = None
+                        ) -> tuple[ApplyFn, dict[str, Any]]:
   """The kdjax apply function of a Tunix Qwen3 / Llama 3 / Gemma 3 model.
 
   ``apply(variables, batch, *, train=False, rng=None) -> ModelOutput`` as
@@ -426,7 +428,7 @@ def make_tunix_lm_apply(model, *, input_key: str = "tokens",
   return apply, {"params": params}
 
 
-def rebuild_model(model_like, variables):
+def rebuild_model(model_like: Any, variables: Mapping[str, Any]) -> Any:
   """A Tunix ``nnx.Module`` holding ``variables`` (e.g. a trained student).
 
   Args:
@@ -449,8 +451,8 @@ def rebuild_model(model_like, variables):
   return nnx.merge(graphdef, _params_of(variables))
 
 
-def init_tunix_cache(family: str, config, batch_size: int, cache_size: int,
-                     dtype=jnp.float32) -> dict:
+def init_tunix_cache(family: str, config: Any, batch_size: int, cache_size: int,
+                     dtype: jax.typing.DTypeLike = jnp.float32) -> dict:
   """An empty Tunix KV cache: ``{"layer_i": {"k", "v": [B, S, K, H], "end_index": [B]}}``."""
   _check_family(family)
   shape = (batch_size, cache_size, config.num_kv_heads, config.head_dim)
@@ -460,10 +462,11 @@ def init_tunix_cache(family: str, config, batch_size: int, cache_size: int,
           for i in range(config.num_layers)}
 
 
-def tunix_generate(apply, variables, tokens: chex.Array,
-                   prompt_len: chex.Array, rng: chex.PRNGKey,
-                   config: SamplingConfig, *,
-                   cache_dtype=jnp.float32) -> GenerationOutput:
+def tunix_generate(apply: ApplyFn, variables: Mapping[str, Any],
+                   tokens: chex.Array, prompt_len: chex.Array,
+                   rng: chex.PRNGKey, config: SamplingConfig, *,
+                   cache_dtype: jax.typing.DTypeLike = jnp.float32
+                   ) -> GenerationOutput:
   """:func:`kdjax.lm.generate` for a Tunix model (jit-safe, KV-cached).
 
   Same contract as ``kdjax.lm.generate``: fills the ``[B, S]`` buffer after
@@ -526,8 +529,9 @@ def tunix_generate(apply, variables, tokens: chex.Array,
                                                  config.eos_id))
 
 
-def make_tunix_rollout_fn(apply, config: SamplingConfig, *,
-                          cache_dtype=jnp.float32) -> Callable[..., dict]:
+def make_tunix_rollout_fn(apply: ApplyFn, config: SamplingConfig, *,
+                          cache_dtype: jax.typing.DTypeLike = jnp.float32
+                          ) -> Callable[..., dict]:
   """``rollout(variables, batch, rng) -> batch`` of a Tunix model's continuations.
 
   :func:`kdjax.lm.make_rollout_fn` for :func:`make_tunix_lm_apply` models

@@ -41,6 +41,8 @@ from kdjax.losses._decoupled import dist as _dist
 from kdjax.losses._decoupled import dkd as _dkd
 from kdjax.losses._divergences import hard_label_cross_entropy
 
+# A term's weight or a temperature: a constant, or a schedule of the step
+# (e.g. an ``optax`` schedule).
 ScalarOrSchedule = Union[float, Callable[[chex.Numeric], chex.Numeric]]
 
 
@@ -279,7 +281,7 @@ def logit_term(loss_fn: Callable[..., chex.Array],
                *,
                use_temperature: bool = True,
                mask_key: Optional[str] = "mask",
-               **kwargs) -> Callable[[TermInputs], chex.Array]:
+               **kwargs: Any) -> Callable[[TermInputs], chex.Array]:
   """Wraps a ``(student_logits, teacher_logits, ...)`` loss as a term function.
 
   The term passes ``inputs.temperature`` (when the loss takes one and
@@ -316,7 +318,8 @@ def label_term(*,
   return term
 
 
-def dkd_term(*, alpha=1.0, beta=8.0, label_key: str = "label",
+def dkd_term(*, alpha: chex.Numeric = 1.0, beta: chex.Numeric = 8.0,
+             label_key: str = "label",
              mask_key: Optional[str] = "mask") -> Callable[[TermInputs], chex.Array]:
   """:func:`kdjax.losses.dkd` as a term function (temperature from the composition)."""
 
@@ -329,7 +332,7 @@ def dkd_term(*, alpha=1.0, beta=8.0, label_key: str = "label",
   return term
 
 
-def dist_term(*, beta=1.0, gamma=1.0,
+def dist_term(*, beta: chex.Numeric = 1.0, gamma: chex.Numeric = 1.0,
               mask_key: Optional[str] = "mask") -> Callable[[TermInputs], chex.Array]:
   """:func:`kdjax.losses.dist` as a term function (temperature from the composition)."""
 

@@ -81,6 +81,7 @@ import numpy as np
 
 from kdjax.losses._features import l2_normalize
 from kdjax.losses import _utils
+from kdjax.losses._compose import ScalarOrSchedule
 from kdjax.losses._compose import Term
 from kdjax.losses._compose import TermInputs
 
@@ -531,7 +532,7 @@ def crd_term(name: str = "crd",
              num_data: int,
              student_feature: str = "penultimate",
              teacher_feature: str = "penultimate",
-             weight=0.8,
+             weight: ScalarOrSchedule = 0.8,
              feat_dim: int = 128,
              nce_k: int = 16384,
              nce_t: float = 0.07,

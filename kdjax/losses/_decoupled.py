@@ -16,7 +16,7 @@ def dkd_terms(student_logits: chex.Array,
               teacher_logits: chex.Array,
               labels: chex.Array,
               *,
-              temperature=4.0) -> tuple[chex.Array, chex.Array]:
+              temperature: chex.Numeric = 4.0) -> tuple[chex.Array, chex.Array]:
   r"""Per-position TCKD and NCKD of Decoupled KD (Zhao et al. 2022), both times ``T**2``.
 
   With ``b = [p_y, 1 - p_y]`` the binary target/non-target probabilities and
@@ -70,9 +70,9 @@ def dkd(student_logits: chex.Array,
         teacher_logits: chex.Array,
         labels: chex.Array,
         *,
-        alpha=1.0,
-        beta=8.0,
-        temperature=4.0,
+        alpha: chex.Numeric = 1.0,
+        beta: chex.Numeric = 8.0,
+        temperature: chex.Numeric = 4.0,
         mask: Optional[chex.Array] = None,
         reduction: str = "mean") -> chex.Array:
   r"""Decoupled Knowledge Distillation (Zhao et al., CVPR 2022).
@@ -139,9 +139,9 @@ def _safe_sqrt(x: chex.Array) -> chex.Array:
 def dist(student_logits: chex.Array,
          teacher_logits: chex.Array,
          *,
-         beta=1.0,
-         gamma=1.0,
-         temperature=1.0,
+         beta: chex.Numeric = 1.0,
+         gamma: chex.Numeric = 1.0,
+         temperature: chex.Numeric = 1.0,
          mask: Optional[chex.Array] = None,
          reduction: str = "mean",
          eps: float = 1e-8) -> chex.Array:

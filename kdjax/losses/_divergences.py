@@ -127,8 +127,8 @@ def divergence_from_log_probs(kind: str,
                               log_p_student: chex.Array,
                               log_p_teacher: chex.Array,
                               *,
-                              beta=0.5,
-                              alpha=0.1) -> chex.Array:
+                              beta: chex.Numeric = 0.5,
+                              alpha: chex.Numeric = 0.1) -> chex.Array:
   """Per-position divergence ``kind`` between two log-probability vectors.
 
   Shared by the dense losses below, the top-k (sparse teacher) losses and the
@@ -178,11 +178,11 @@ def _temperature_factor(kind, temperature, scale_by_temperature):
 
 def logit_divergence(student_logits: chex.Array,
                      teacher_logits: chex.Array,
-                     temperature=1.0,
+                     temperature: chex.Numeric = 1.0,
                      *,
                      divergence: str = "kl",
-                     beta=0.5,
-                     alpha=0.1,
+                     beta: chex.Numeric = 0.5,
+                     alpha: chex.Numeric = 0.1,
                      mask: Optional[chex.Array] = None,
                      reduction: str = "mean",
                      scale_by_temperature: bool = True) -> chex.Array:
@@ -227,7 +227,7 @@ def logit_divergence(student_logits: chex.Array,
 
 def kl_divergence(student_logits: chex.Array,
                   teacher_logits: chex.Array,
-                  temperature=1.0,
+                  temperature: chex.Numeric = 1.0,
                   *,
                   mask: Optional[chex.Array] = None,
                   reduction: str = "mean",
@@ -263,7 +263,7 @@ def kl_divergence(student_logits: chex.Array,
 
 def reverse_kl_divergence(student_logits: chex.Array,
                           teacher_logits: chex.Array,
-                          temperature=1.0,
+                          temperature: chex.Numeric = 1.0,
                           *,
                           mask: Optional[chex.Array] = None,
                           reduction: str = "mean",
@@ -283,9 +283,9 @@ def reverse_kl_divergence(student_logits: chex.Array,
 
 def jensen_shannon_divergence(student_logits: chex.Array,
                               teacher_logits: chex.Array,
-                              temperature=1.0,
+                              temperature: chex.Numeric = 1.0,
                               *,
-                              beta=0.5,
+                              beta: chex.Numeric = 0.5,
                               mask: Optional[chex.Array] = None,
                               reduction: str = "mean",
                               scale_by_temperature: bool = True) -> chex.Array:
@@ -317,9 +317,9 @@ def jensen_shannon_divergence(student_logits: chex.Array,
 
 def skew_kl_divergence(student_logits: chex.Array,
                        teacher_logits: chex.Array,
-                       temperature=1.0,
+                       temperature: chex.Numeric = 1.0,
                        *,
-                       alpha=0.1,
+                       alpha: chex.Numeric = 0.1,
                        mask: Optional[chex.Array] = None,
                        reduction: str = "mean",
                        scale_by_temperature: bool = True) -> chex.Array:
@@ -341,9 +341,9 @@ def skew_kl_divergence(student_logits: chex.Array,
 
 def skew_reverse_kl_divergence(student_logits: chex.Array,
                                teacher_logits: chex.Array,
-                               temperature=1.0,
+                               temperature: chex.Numeric = 1.0,
                                *,
-                               alpha=0.1,
+                               alpha: chex.Numeric = 0.1,
                                mask: Optional[chex.Array] = None,
                                reduction: str = "mean",
                                scale_by_temperature: bool = True) -> chex.Array:
@@ -359,7 +359,7 @@ def skew_reverse_kl_divergence(student_logits: chex.Array,
 
 def total_variation_distance(student_logits: chex.Array,
                              teacher_logits: chex.Array,
-                             temperature=1.0,
+                             temperature: chex.Numeric = 1.0,
                              *,
                              mask: Optional[chex.Array] = None,
                              reduction: str = "mean") -> chex.Array:
@@ -375,7 +375,7 @@ def total_variation_distance(student_logits: chex.Array,
 
 def soft_cross_entropy(student_logits: chex.Array,
                        teacher_logits: chex.Array,
-                       temperature=1.0,
+                       temperature: chex.Numeric = 1.0,
                        *,
                        mask: Optional[chex.Array] = None,
                        reduction: str = "mean",
@@ -491,7 +491,7 @@ class TopKTeacher(NamedTuple):
 
 
 def top_k_teacher(teacher_logits: chex.Array, k: int,
-                  temperature=1.0) -> TopKTeacher:
+                  temperature: chex.Numeric = 1.0) -> TopKTeacher:
   """Keeps the teacher's ``k`` largest logits, plus the normaliser for a tail.
 
   Args:
@@ -527,11 +527,11 @@ def _log1mexp(x: chex.Array) -> chex.Array:
 
 def top_k_divergence(student_logits: chex.Array,
                      teacher: TopKTeacher,
-                     temperature=1.0,
+                     temperature: chex.Numeric = 1.0,
                      *,
                      divergence: str = "kl",
-                     beta=0.5,
-                     alpha=0.1,
+                     beta: chex.Numeric = 0.5,
+                     alpha: chex.Numeric = 0.1,
                      tail_bucket: bool = True,
                      mask: Optional[chex.Array] = None,
                      reduction: str = "mean",
@@ -622,11 +622,11 @@ def check_top_k_temperature(teacher: TopKTeacher, temperature,
 
 def top_k_divergence_from_student_log_probs(log_q: chex.Array,
                                             teacher: TopKTeacher,
-                                            temperature,
+                                            temperature: chex.Numeric,
                                             *,
                                             divergence: str = "kl",
-                                            beta=0.5,
-                                            alpha=0.1,
+                                            beta: chex.Numeric = 0.5,
+                                            alpha: chex.Numeric = 0.1,
                                             tail_bucket: bool = True
                                             ) -> chex.Array:
   """Per-position divergence from the student's log-probs at the top-k indices.

@@ -107,9 +107,9 @@ def _entropy(log_p: chex.Array) -> chex.Array:
 
 
 def confidence_weights(teacher_logits_list: TeacherLogits,
-                       temperature=1.0,
+                       temperature: chex.Numeric = 1.0,
                        *,
-                       weight_temperature=1.0) -> chex.Array:
+                       weight_temperature: chex.Numeric = 1.0) -> chex.Array:
   r"""Per-example teacher weights from their confidence (negative entropy).
 
   .. math::
@@ -148,7 +148,7 @@ def _ensemble_log_probs(stacked, temperature, weights) -> chex.Array:
 
 def ensemble_probabilities(teacher_logits_list: TeacherLogits,
                            weights: Optional[chex.Array] = None,
-                           temperature=1.0) -> chex.Array:
+                           temperature: chex.Numeric = 1.0) -> chex.Array:
   r"""The teachers' averaged distribution :math:`\sum_i w_i\,\mathrm{softmax}(z_i / T)`.
 
   Args:
@@ -175,8 +175,8 @@ def multi_teacher_kl(student_logits: chex.Array,
                      *,
                      mode: str = "mean_probs",
                      weights: Optional[chex.Array] = None,
-                     temperature=1.0,
-                     weight_temperature=1.0,
+                     temperature: chex.Numeric = 1.0,
+                     weight_temperature: chex.Numeric = 1.0,
                      mask: Optional[chex.Array] = None,
                      reduction: str = "mean",
                      scale_by_temperature: bool = True) -> chex.Array:
@@ -293,7 +293,7 @@ def multi_teacher_term(name: str = "multi_teacher",
                        mode: str = "mean_probs",
                        weights: Optional[Sequence[float]] = None,
                        weight: Any = 1.0,
-                       weight_temperature=1.0,
+                       weight_temperature: chex.Numeric = 1.0,
                        teacher_logits_key: str = TEACHER_LOGITS_KEY,
                        mask_key: Optional[str] = "mask") -> Term:
   """:func:`multi_teacher_kl` as a :class:`kdjax.losses.Term`.

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.losses import _utils
+from kdjax.losses._compose import ScalarOrSchedule
 from kdjax.losses._compose import Term
 from kdjax.losses._compose import TermInputs
 from kdjax.losses._compose import batch_mask
@@ -510,7 +511,7 @@ def feature_term(name: str,
                  *,
                  kind: str = "mse",
                  pooling: Optional[str] = None,
-                 weight=1.0,
+                 weight: ScalarOrSchedule = 1.0,
                  connector_kind: Optional[str] = None,
                  mask_key: Optional[str] = "mask") -> Term:
   """A :class:`Term` comparing one student feature with one teacher feature.
@@ -569,7 +570,7 @@ def feature_term(name: str,
 def fitnets_term(name: str,
                  student_feature: str,
                  teacher_feature: str,
-                 weight=1.0,
+                 weight: ScalarOrSchedule = 1.0,
                  *,
                  connector_kind: Optional[str] = "auto",
                  mask_key: Optional[str] = "mask") -> Term:
@@ -606,7 +607,7 @@ def fitnets_term(name: str,
 
 def attention_transfer_term(name: str,
                             pairs: Sequence[tuple[str, str]],
-                            weight=1.0,
+                            weight: ScalarOrSchedule = 1.0,
                             *,
                             p: float = 2,
                             mask_key: Optional[str] = "mask") -> Term:

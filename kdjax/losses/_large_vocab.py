@@ -71,7 +71,7 @@ functions; the loss of one chunk (and the sharded log-softmax) is in
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import chex
 import jax
@@ -286,11 +286,11 @@ def divergence_from_hidden(student_hidden: chex.Array,
                            student_unembedding: Unembedding,
                            teacher_hidden: chex.Array,
                            teacher_unembedding: Unembedding,
-                           temperature=1.0,
+                           temperature: chex.Numeric = 1.0,
                            *,
                            divergence: str = "kl",
-                           beta=0.5,
-                           alpha=0.1,
+                           beta: chex.Numeric = 0.5,
+                           alpha: chex.Numeric = 0.1,
                            mask: Optional[chex.Array] = None,
                            reduction: str = "mean",
                            scale_by_temperature: bool = True,
@@ -298,7 +298,8 @@ def divergence_from_hidden(student_hidden: chex.Array,
                            chunk_size: Optional[int] = None,
                            memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
                            implementation: str = "fused",
-                           axis_name=None) -> chex.Array:
+                           axis_name: Union[str, Sequence[str], None] = None
+                           ) -> chex.Array:
   r"""A logit divergence computed chunk by chunk from hidden states.
 
   .. math::
@@ -377,11 +378,11 @@ def divergence_from_hidden(student_hidden: chex.Array,
 def top_k_divergence_from_hidden(student_hidden: chex.Array,
                                  student_unembedding: Unembedding,
                                  teacher: _divergences.TopKTeacher,
-                                 temperature=1.0,
+                                 temperature: chex.Numeric = 1.0,
                                  *,
                                  divergence: str = "kl",
-                                 beta=0.5,
-                                 alpha=0.1,
+                                 beta: chex.Numeric = 0.5,
+                                 alpha: chex.Numeric = 0.1,
                                  tail_bucket: bool = True,
                                  mask: Optional[chex.Array] = None,
                                  reduction: str = "mean",
@@ -390,7 +391,8 @@ def top_k_divergence_from_hidden(student_hidden: chex.Array,
                                  chunk_size: Optional[int] = None,
                                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
                                  implementation: str = "fused",
-                                 axis_name=None) -> chex.Array:
+                                 axis_name: Union[str, Sequence[str], None] = None
+                                 ) -> chex.Array:
   """:func:`kdjax.losses.top_k_divergence` from the student's hidden states.
 
   The teacher is a cached :class:`kdjax.losses.TopKTeacher` (``[..., k]``
@@ -437,7 +439,8 @@ def cross_entropy_from_hidden(student_hidden: chex.Array,
                               chunk_size: Optional[int] = None,
                               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
                               implementation: str = "fused",
-                              axis_name=None) -> chex.Array:
+                              axis_name: Union[str, Sequence[str], None] = None
+                              ) -> chex.Array:
   r"""Next-token cross-entropy :math:`-\frac1N\sum_n m_n \log q_n[y_n]` from hidden states.
 
   The memory-lean twin of ``kdjax.losses.hard_label_cross_entropy(h @ W + b,

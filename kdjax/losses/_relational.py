@@ -19,7 +19,7 @@ to the term's weight, not to these functions.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import chex
 import jax
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax.losses import _utils
+from kdjax.losses._compose import ScalarOrSchedule
 from kdjax.losses._compose import Term
 from kdjax.losses._compose import TermInputs
 from kdjax.losses._features import get_feature
@@ -301,8 +302,8 @@ def relational_term(name: str,
                     *,
                     student_feature: str = "penultimate",
                     teacher_feature: str = "penultimate",
-                    weight=1.0,
-                    **kwargs) -> Term:
+                    weight: ScalarOrSchedule = 1.0,
+                    **kwargs: Any) -> Term:
   """A relational loss on one named student/teacher feature as a :class:`Term`.
 
   Example: ``relational_term("rkd_d", rkd_distance_loss, weight=25.0)``.

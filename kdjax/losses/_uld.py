@@ -109,7 +109,7 @@ def _sorted_log_probs(logits: chex.Array, temperature,
   return top - log_z
 
 
-def sorted_probabilities(logits: chex.Array, temperature=1.0, *,
+def sorted_probabilities(logits: chex.Array, temperature: chex.Numeric = 1.0, *,
                          top_k: Optional[int] = None) -> chex.Array:
   """``softmax(logits / T)`` sorted in decreasing order, float32.
 
@@ -126,14 +126,15 @@ def sorted_probabilities(logits: chex.Array, temperature=1.0, *,
   return jnp.exp(_sorted_log_probs(logits, temperature, top_k))
 
 
-def sorted_probability_distance(student_logits: chex.Array,
-                                teacher_logits: chex.Array,
-                                temperature=1.0,
-                                *,
-                                teacher_temperature=None,
-                                mask: Optional[chex.Array] = None,
-                                reduction: str = "mean",
-                                top_k: Optional[int] = None) -> chex.Array:
+def sorted_probability_distance(
+    student_logits: chex.Array,
+    teacher_logits: chex.Array,
+    temperature: chex.Numeric = 1.0,
+    *,
+    teacher_temperature: Optional[chex.Numeric] = None,
+    mask: Optional[chex.Array] = None,
+    reduction: str = "mean",
+    top_k: Optional[int] = None) -> chex.Array:
   r"""Per-position ULD distance between two vocabularies of any sizes.
 
   .. math::
@@ -283,13 +284,29 @@ def _check_average(average: str) -> None:
     raise ValueError(f"average must be one of {AVERAGES}, got {average!r}.")
 
 
+def check_uld_options(top_k: Optional[int] = None,
+                      average: str = "sequence") -> None:
+  """Checks the static options of :func:`uld_loss` (``ValueError``).
+
+  :func:`uld_loss` checks them itself when it runs; a term built around it
+  (e.g. :func:`kdjax.lm.uld_term`) calls this to fail when it is built, not
+  at the first train step.
+
+  Args:
+    top_k: ``None`` or a positive int.
+    average: ``"sequence"`` or ``"token"``.
+  """
+  _check_top_k(top_k)
+  _check_average(average)
+
+
 def uld_loss(student_logits: chex.Array,
              student_response_mask: chex.Array,
              teacher_logits: chex.Array,
              teacher_response_mask: chex.Array,
-             temperature=1.0,
+             temperature: chex.Numeric = 1.0,
              *,
-             teacher_temperature=None,
+             teacher_temperature: Optional[chex.Numeric] = None,
              top_k: Optional[int] = None,
              average: str = "sequence") -> chex.Array:
   r"""The ULD term: aligned sorted-probability L1 (Boizard et al. 2024).
@@ -328,17 +345,18 @@ def uld_loss(student_logits: chex.Array,
   return _average(per_position, mask, average)
 
 
-def universal_logit_distillation_parts(student_logits: chex.Array,
-                                       student_targets: chex.Array,
-                                       student_response_mask: chex.Array,
-                                       teacher_logits: chex.Array,
-                                       teacher_response_mask: chex.Array,
-                                       *,
-                                       uld_weight=1.0,
-                                       temperature=1.0,
-                                       teacher_temperature=None,
-                                       top_k: Optional[int] = None,
-                                       average: str = "sequence") -> dict:
+def universal_logit_distillation_parts(
+    student_logits: chex.Array,
+    student_targets: chex.Array,
+    student_response_mask: chex.Array,
+    teacher_logits: chex.Array,
+    teacher_response_mask: chex.Array,
+    *,
+    uld_weight: chex.Numeric = 1.0,
+    temperature: chex.Numeric = 1.0,
+    teacher_temperature: Optional[chex.Numeric] = None,
+    top_k: Optional[int] = None,
+    average: str = "sequence") -> dict:
   r"""``{"loss": CE + uld_weight * ULD, "ce": CE, "uld": ULD}`` (f32 scalars).
 
   ``CE`` is the student's masked mean next-token cross-entropy on its own
@@ -362,17 +380,18 @@ def universal_logit_distillation_parts(student_logits: chex.Array,
   return {"loss": ce + uld_weight * uld, "ce": ce, "uld": uld}
 
 
-def universal_logit_distillation_loss(student_logits: chex.Array,
-                                      student_targets: chex.Array,
-                                      student_response_mask: chex.Array,
-                                      teacher_logits: chex.Array,
-                                      teacher_response_mask: chex.Array,
-                                      *,
-                                      uld_weight=1.0,
-                                      temperature=1.0,
-                                      teacher_temperature=None,
-                                      top_k: Optional[int] = None,
-                                      average: str = "sequence") -> chex.Array:
+def universal_logit_distillation_loss(
+    student_logits: chex.Array,
+    student_targets: chex.Array,
+    student_response_mask: chex.Array,
+    teacher_logits: chex.Array,
+    teacher_response_mask: chex.Array,
+    *,
+    uld_weight: chex.Numeric = 1.0,
+    temperature: chex.Numeric = 1.0,
+    teacher_temperature: Optional[chex.Numeric] = None,
+    top_k: Optional[int] = None,
+    average: str = "sequence") -> chex.Array:
   r"""The ULD objective :math:`L_{CE} + \lambda L_{ULD}` (Boizard et al. 2024).
 
   The total of :func:`universal_logit_distillation_parts` (which also returns

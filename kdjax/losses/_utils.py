@@ -1,20 +1,24 @@
 """Shared validation, masking and reduction helpers of the loss library.
 
-These helpers are private: every public loss documents its own arguments. They are
-jit/grad/vmap-safe. Validation that needs a value (``temperature > 0``, labels in
-``[0, C)``) runs *eagerly* when the value is concrete (a Python number, a NumPy or
-a non-traced JAX array) and raises ``ValueError``. A traced value (a temperature
-that follows a schedule inside ``jax.jit``, the labels of a jitted batch) cannot
-raise there; inside :func:`runtime_checks` the same conditions are emitted as
-``jax.experimental.checkify`` checks instead (the train step's ``checks=True``),
-and outside it they are skipped: no check, no cost.
+Every public loss documents its own arguments. The helpers a loss written
+outside this package needs to behave like kdjax's own are public
+(``kdjax.losses.check_temperature``, ``check_unit_interval``,
+``check_logits_pair``, ``to_float32``, ``reduce_loss``, ``runtime_checks``);
+the rest stay private. They are jit/grad/vmap-safe. Validation that needs a
+value (``temperature > 0``, labels in ``[0, C)``) runs *eagerly* when the
+value is concrete (a Python number, a NumPy or a non-traced JAX array) and
+raises ``ValueError``. A traced value (a temperature that follows a schedule
+inside ``jax.jit``, the labels of a jitted batch) cannot raise there; inside
+:func:`runtime_checks` the same conditions are emitted as
+``jax.experimental.checkify`` checks instead (the train step's
+``checks=True``), and outside it they are skipped: no check, no cost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import chex
 import jax
@@ -31,7 +35,7 @@ _RUNTIME_CHECKS = contextvars.ContextVar("kdjax_losses_runtime_checks",
 
 
 @contextlib.contextmanager
-def runtime_checks(enabled: bool = True):
+def runtime_checks(enabled: bool = True) -> Iterator[None]:
   """Emits the losses' value checks on *traced* values as ``checkify`` checks.
 
   Inside this context (entered *while tracing*, i.e. inside the function that
@@ -106,12 +110,29 @@ def _check_value(value, ok, message: str) -> None:
 
 
 def check_temperature(temperature: Scalar, name: str = "temperature") -> None:
-  """``temperature > 0`` (eager when concrete, else under runtime_checks)."""
+  """Checks ``temperature > 0``.
+
+  Eagerly (``ValueError``) when the value is concrete; a traced value only
+  inside :func:`runtime_checks` (a ``checkify`` check), else not at all.
+
+  Args:
+    temperature: a Python number or a (possibly traced) scalar array.
+    name: the argument's name in the error message.
+  """
   _check_value(temperature, lambda t: t > 0,
                f"{name} must be > 0, got {{value}}.")
 
 
 def check_unit_interval(value: Scalar, name: str) -> None:
+  """Checks ``0 <= value <= 1`` (a mixing weight, a decay).
+
+  Eagerly (``ValueError``) when the value is concrete; a traced value only
+  inside :func:`runtime_checks`, as :func:`check_temperature`.
+
+  Args:
+    value: a Python number or a (possibly traced) array.
+    name: the argument's name in the error message.
+  """
   _check_value(value, lambda v: (v >= 0) & (v <= 1),
                f"{name} must lie in [0, 1], got {{value}}.")
 
@@ -175,7 +196,11 @@ def check_reduction(reduction: str) -> None:
 
 def check_logits_pair(student_logits: chex.Array,
                       teacher_logits: chex.Array) -> None:
-  """Student and teacher logits must agree in shape, class count included."""
+  """Checks that student and teacher logits agree in shape, classes included.
+
+  Shapes are static: the check runs at trace time and raises ``ValueError``
+  (no class axis, a class-count mismatch, or other leading axes).
+  """
   s, t = jnp.shape(student_logits), jnp.shape(teacher_logits)
   if len(s) == 0 or len(t) == 0:
     raise ValueError(
@@ -201,7 +226,11 @@ def check_mask(mask: Optional[chex.Array], batch_shape: tuple) -> None:
 
 
 def to_float32(x: chex.Array) -> chex.Array:
-  """Upcasts low-precision inputs; losses compute in at least float32."""
+  """``x`` as an array of at least float32 precision.
+
+  Low-precision floats (bfloat16, float16) and non-floating inputs become
+  float32; float32 and float64 stay as they are. Losses compute in it.
+  """
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
     return x.astype(jnp.float32)
@@ -218,6 +247,15 @@ def reduce_loss(per_position: chex.Array,
   ``"mean"`` is the mean over unmasked positions (0 when every position is
   masked), ``"sum"`` the sum over unmasked positions, ``"none"`` the
   per-position values with masked positions set to 0.
+
+  Args:
+    per_position: the loss at each position, shape ``[...]``.
+    mask: ``None`` or weights of the same shape (positions with ``mask <= 0``
+      are left out; a masked NaN or inf does not leak into the result).
+    reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+  Returns:
+    A scalar, or an array of ``per_position``'s shape for ``"none"``.
   """
   check_reduction(reduction)
   check_mask(mask, per_position.shape)

@@ -10,7 +10,7 @@ docstring of :mod:`kdjax.losses._large_vocab`).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import chex
 import jax
@@ -30,7 +30,7 @@ def vocab_sharded_divergence_from_hidden(
     student_unembedding: Unembedding,
     teacher_hidden: Optional[chex.Array] = None,
     teacher_unembedding: Optional[Unembedding] = None,
-    temperature=1.0,
+    temperature: chex.Numeric = 1.0,
     *,
     teacher_top_k: Optional[_divergences.TopKTeacher] = None,
     labels: Optional[chex.Array] = None,
@@ -38,7 +38,7 @@ def vocab_sharded_divergence_from_hidden(
     token_axis: Union[str, Sequence[str], None] = None,
     mask: Optional[chex.Array] = None,
     reduction: str = "mean",
-    **kwargs) -> chex.Array:
+    **kwargs: Any) -> chex.Array:
   """:func:`divergence_from_hidden` with the vocabulary split over a mesh axis.
 
   Runs ``jax.shard_map`` over ``mesh``: the unembedding kernels

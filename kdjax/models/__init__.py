@@ -52,11 +52,19 @@ Example::
   out = apply(variables, {"image": images})   # out.logits, out.features
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._adapters": ("from_function", "from_linen", "from_nnx"),
-    "._ensemble": ("ensemble_apply",),
+    "._ensemble": ("TEACHER_LOGITS_KEY", "ensemble_apply"),
     "._output": ("ApplyFn", "ModelOutput", "check_finite_output"),
     "._reference": ("CNN", "MLP", "max_pool_2x2"),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.models._adapters import from_function, from_linen, from_nnx
+  from kdjax.models._ensemble import TEACHER_LOGITS_KEY, ensemble_apply
+  from kdjax.models._output import ApplyFn, ModelOutput, check_finite_output
+  from kdjax.models._reference import CNN, MLP, max_pool_2x2

@@ -191,7 +191,8 @@ def from_nnx(model: nnx.Module,
              input_key: Optional[str] = "image",
              input_fn: Optional[Callable[[Any], Any]] = None,
              feature_names: Sequence[str] = (),
-             rng_stream: str = "dropout"):
+             rng_stream: str = "dropout"
+             ) -> tuple[Callable[..., ModelOutput], dict[str, Any]]:
   """Turns an NNX module into a pure apply function and its variables.
 
   The module is split once into a static graph definition, its

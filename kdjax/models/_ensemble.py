@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from kdjax.models._output import ApplyFn
 from kdjax.models._output import ModelOutput
 
+# The feature under which :func:`ensemble_apply` stacks the teachers' logits
+# (``kdjax.losses.teacher_logits_of`` reads it; a teacher cache stores it).
 TEACHER_LOGITS_KEY = "teacher_logits"
 
 

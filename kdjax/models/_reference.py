@@ -32,7 +32,7 @@ def _pool_even_jvp(primals, tangents):
   return y, out
 
 
-def max_pool_2x2(x):
+def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2, NHWC: ``nn.max_pool(x, (2, 2), strides=(2, 2))``.
 
   The same values and the same gradient (an odd last row or column is

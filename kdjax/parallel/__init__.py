@@ -7,6 +7,8 @@ legacy code; ``jax.distributed`` initialisation and global batches built from
 per-process data.
 """
 
+from typing import TYPE_CHECKING
+
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
@@ -19,3 +21,15 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._step": ("make_pmap_train_step", "make_sharded_train_step", "replicate",
         "split_batch", "unreplicate"),
 })
+
+if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.parallel._mesh import (
+      DATA, FSDP, ShardingRules, batch_sharding, check_batch,
+      leaf_partition_spec, make_mesh, put_global, replicated, shard_batch,
+      shard_state, shard_teacher, state_sharding, teacher_sharding,
+      tree_sharding)
+  from kdjax.parallel._multihost import (
+      global_batch, initialize, load_tfds_for_process, process_slice, to_host)
+  from kdjax.parallel._step import (
+      make_pmap_train_step, make_sharded_train_step, replicate, split_batch,
+      unreplicate)

@@ -166,7 +166,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def leaf_partition_spec(shape: Sequence[int], axis, mesh: Mesh,
+def leaf_partition_spec(shape: Sequence[int],
+                        axis: Union[str, Sequence[str], None], mesh: Mesh,
                         min_shard_size: int = 1024) -> P:
   """FSDP spec of one array: its largest dimension divisible by the axis size.
 
@@ -189,7 +190,8 @@ def leaf_partition_spec(shape: Sequence[int], axis, mesh: Mesh,
   return P(*spec)
 
 
-def tree_sharding(tree: Any, mesh: Mesh, axis=None,
+def tree_sharding(tree: Any, mesh: Mesh,
+                  axis: Union[str, Sequence[str], None] = None,
                   min_shard_size: int = 1024) -> Any:
   """A ``NamedSharding`` per leaf of ``tree`` (arrays or ShapeDtypeStructs) by the FSDP rule."""
 

@@ -35,7 +35,7 @@ def initialize(coordinator_address: Optional[str] = None,
                *,
                local_device_ids: Optional[Sequence[int]] = None,
                cpu_collectives: Optional[str] = "gloo",
-               **kwargs) -> None:
+               **kwargs: Any) -> None:
   """``jax.distributed.initialize`` with CPU collectives configured.
 
   Call once per process, before any other JAX call. On CPU, cross-process
@@ -86,7 +86,8 @@ def process_slice(num_examples: int,
 
 
 def load_tfds_for_process(name: str, split: str = "train", *,
-                          drop_remainder: bool = True, **load_kwargs):
+                          drop_remainder: bool = True,
+                          **load_kwargs: Any) -> Any:
   """``tfds.load`` of this process's part of ``split`` (``tfds.split_for_jax_process``).
 
   tensorflow_datasets is imported here only. Returns the ``tf.data.Dataset``

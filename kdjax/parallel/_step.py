@@ -8,10 +8,14 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
+from kdjax.losses import ComposedLoss
+from kdjax.models import ApplyFn
 from kdjax.parallel import _mesh
 from kdjax.parallel._mesh import ShardingRules
+from kdjax.train import StepFn
 from kdjax.train import StepOptions
 from kdjax.train import build_step
 from kdjax.train import compile_step
@@ -22,10 +26,10 @@ def _abstract(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def make_sharded_train_step(student_apply,
-                            teacher_apply,
-                            loss_fn,
-                            optimizer,
+def make_sharded_train_step(student_apply: ApplyFn,
+                            teacher_apply: Optional[ApplyFn],
+                            loss_fn: ComposedLoss,
+                            optimizer: optax.GradientTransformation,
                             options: Optional[StepOptions] = None,
                             *,
                             mesh: Mesh,
@@ -33,7 +37,7 @@ def make_sharded_train_step(student_apply,
                             teacher_variables: Any = None,
                             rules: Optional[ShardingRules] = None,
                             donate: bool = True,
-                            **step_kwargs):
+                            **step_kwargs: Any) -> StepFn:
   """A distillation step jitted over ``mesh`` with explicit in/out shardings.
 
   The step is :func:`kdjax.train.build_step` 's, compiled
@@ -140,16 +144,16 @@ def split_batch(batch: Any, num_devices: Optional[int] = None) -> Any:
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
-def make_pmap_train_step(student_apply,
-                         teacher_apply,
-                         loss_fn,
-                         optimizer,
+def make_pmap_train_step(student_apply: ApplyFn,
+                         teacher_apply: Optional[ApplyFn],
+                         loss_fn: ComposedLoss,
+                         optimizer: optax.GradientTransformation,
                          options: Optional[StepOptions] = None,
                          *,
                          axis_name: str = "data",
                          devices: Optional[Sequence[jax.Device]] = None,
                          donate: bool = True,
-                         **step_kwargs):
+                         **step_kwargs: Any) -> StepFn:
   """The distillation step under ``jax.pmap`` (for code built around pmap).
 
   Every device holds a replica of the state and the teacher (leading device

@@ -230,7 +230,8 @@ def run_loop(train_step: Callable[[Any, Any, Any], tuple[Any, Mapping]],
               evaluate, _as_hooks(on_log), _as_hooks(on_eval), state).run()
 
 
-def fit(train_step,
+def fit(train_step: Callable[[DistillState, Any, Any],
+                             tuple[DistillState, Mapping[str, Any]]],
         state: DistillState,
         teacher_variables: Any,
         batches: Iterable,

@@ -47,7 +47,7 @@ def _canonical(dtype) -> Optional[np.dtype]:
   return dtype
 
 
-def cast_floating(tree: Any, dtype) -> Any:
+def cast_floating(tree: Any, dtype: Optional[jax.typing.DTypeLike]) -> Any:
   """Casts every floating-point array leaf of ``tree`` to ``dtype`` (others unchanged).
 
   ``dtype=None`` returns ``tree`` unchanged. PRNG key arrays and integer or

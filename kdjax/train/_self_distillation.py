@@ -24,19 +24,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax import losses
 from kdjax.losses import ComposedLoss
 from kdjax.losses import Term
 from kdjax.losses import compose
 from kdjax.losses import kl_divergence
 from kdjax.losses import label_term
 from kdjax.losses import logit_term
-from kdjax.losses import _utils
 from kdjax.train._loop import fit
 from kdjax.train._options import StepOptions
 from kdjax.train._state import create_state
 from kdjax.train._step import evaluate
 from kdjax.train._step import make_eval_step
 from kdjax.train._step import make_train_step
+from kdjax.train._step import StepFn
 from kdjax.train._step import teacher_forward
 
 # -----------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def mean_teacher_decay(decay: float = 0.999) -> Callable[[chex.Numeric], chex.Ar
   far until that average weights old values less than ``decay`` would
   (``a = 0.5, 0.667, 0.75, ...``).
   """
-  _utils.check_unit_interval(decay, "decay")
+  losses.check_unit_interval(decay, "decay")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -84,7 +85,7 @@ def sigmoid_rampup(max_value: float, rampup_steps: int) -> Callable[[chex.Numeri
 
 def softmax_mse(student_logits: chex.Array,
                 teacher_logits: chex.Array,
-                temperature=1.0,
+                temperature: float = 1.0,
                 *,
                 mask: Optional[chex.Array] = None,
                 reduction: str = "mean") -> chex.Array:
@@ -101,13 +102,13 @@ def softmax_mse(student_logits: chex.Array,
     mask: optional ``[...]``.
     reduction: ``"mean"``, ``"sum"`` or ``"none"``.
   """
-  _utils.check_logits_pair(student_logits, teacher_logits)
-  _utils.check_temperature(temperature)
+  losses.check_logits_pair(student_logits, teacher_logits)
+  losses.check_temperature(temperature)
   t = jnp.asarray(temperature, jnp.float32)
-  q = jax.nn.softmax(_utils.to_float32(student_logits) / t, axis=-1)
-  p = jax.nn.softmax(_utils.to_float32(teacher_logits) / t, axis=-1)
+  q = jax.nn.softmax(losses.to_float32(student_logits) / t, axis=-1)
+  p = jax.nn.softmax(losses.to_float32(teacher_logits) / t, axis=-1)
   per_position = jnp.mean(jnp.square(q - p), axis=-1)
-  return _utils.reduce_loss(per_position, mask, reduction)
+  return losses.reduce_loss(per_position, mask, reduction)
 
 
 def mean_teacher_loss(*,
@@ -157,7 +158,7 @@ def mean_teacher_step(student_apply: Callable[..., Any],
                       warmup_average: bool = True,
                       teacher_apply: Optional[Callable[..., Any]] = None,
                       donate: bool = True,
-                      jit: bool = True):
+                      jit: bool = True) -> StepFn:
   """A mean-teacher train step: the teacher is the EMA of the student's weights.
 
   ``step(state, None, batch) -> (state, metrics)``, built by
@@ -187,7 +188,7 @@ def mean_teacher_step(student_apply: Callable[..., Any],
   if warmup_average and not callable(ema_decay):
     ema_decay = mean_teacher_decay(ema_decay)
   elif not callable(ema_decay):
-    _utils.check_unit_interval(ema_decay, "ema_decay")
+    losses.check_unit_interval(ema_decay, "ema_decay")
   options = StepOptions(ema_decay=ema_decay, teacher_is_ema=True)
   return make_train_step(student_apply, teacher_apply, loss_fn, optimizer,
                          options, donate=donate, jit=jit)

@@ -37,7 +37,7 @@ teacher).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +59,11 @@ from kdjax.train._precision import resolve_policy
 from kdjax.train._state import DistillState
 
 ApplyFn = Callable[..., ModelOutput]
+# step(state, teacher_variables, batch) -> (state, metrics)
 StepFn = Callable[[DistillState, Any, Mapping[str, Any]],
                   tuple[DistillState, dict]]
+# eval_step(student_variables, teacher_variables, batch) -> summed metrics
+EvalStepFn = Callable[[Any, Any, Mapping[str, Any]], dict]
 
 # An apply function with this attribute set to True reads the teacher's output
 # from the batch (an offline teacher cache, ``kdjax.cache``): the step then
@@ -370,7 +373,7 @@ def make_eval_step(student_apply: ApplyFn,
                    label_key: str = "label",
                    temperature: float = 1.0,
                    jit: bool = True,
-                   policy: Optional[Policy] = None):
+                   policy: Optional[Policy] = None) -> EvalStepFn:
   """Builds ``eval_step(student_variables, teacher_variables, batch) -> sums``.
 
   Returns per-batch *sums* (so that batches of any size combine exactly):
@@ -411,8 +414,9 @@ def make_eval_step(student_apply: ApplyFn,
   return jax.jit(eval_step) if jit else eval_step
 
 
-def evaluate(eval_step, student_variables, teacher_variables,
-             batches) -> dict:
+def evaluate(eval_step: EvalStepFn, student_variables: Any,
+             teacher_variables: Any,
+             batches: Iterable[Mapping[str, Any]]) -> dict:
   """Runs ``eval_step`` over ``batches``; returns accuracies and mean KL (floats).
 
   ``student_accuracy = sum(student_correct) / count`` (likewise the
