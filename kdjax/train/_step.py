@@ -357,16 +357,6 @@ def build_step_fn(student_apply: ApplyFn,
                     gather_fn=gather_fn)
 
 
-def finalize_step(step, *, jit: bool, donate: bool, check: bool,
-                  **jit_kwargs):
-  """The former private name of :func:`compile_step` (``check`` is its ``checks``).
-
-  Kept only for code written against it; use ``kdjax.train.compile_step``.
-  """
-  return compile_step(step, jit=jit, donate=donate, checks=check,
-                      **jit_kwargs)
-
-
 def make_eval_step(student_apply: ApplyFn,
                    teacher_apply: Optional[ApplyFn] = None,
                    *,
