@@ -179,11 +179,21 @@ def assert_same_run(run_dir: str, reference_dir: str) -> None:
   assert summary_eval(run_dir) == summary_eval(reference_dir)
 
 
+# Busy-loops until its parent is gone (a test process killed by a timeout
+# leaves no burner behind).
+_BURNER = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+  pass
+"""
+
+
 @contextlib.contextmanager
 def cpu_load(processes: int = 2) -> Iterator[None]:
   """``processes`` busy-looping Pythons for the duration (the CPU load the
   resume must be exact under)."""
-  burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+  burners = [subprocess.Popen([sys.executable, "-c", _BURNER])
              for _ in range(processes)]
   try:
     yield
