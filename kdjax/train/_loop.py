@@ -92,6 +92,10 @@ class LoopOptions:
     handle_signals: a SIGINT/SIGTERM stops the loop at the next step
       boundary, after a forced save (:class:`StopRequest`); a second SIGINT
       aborts. ``False`` leaves the signal handlers alone.
+    log_from_start: count the ``log_every`` windows from the step the loop
+      starts at (each call logs its own windows: :func:`fit`, e.g. called
+      once per epoch) instead of from step 0. Not with a checkpointer: a
+      resumed run must keep the absolute grid to log what a straight run logs.
   """
   num_steps: Optional[int] = None
   log_every: int = 100
@@ -100,6 +104,7 @@ class LoopOptions:
   progress: bool = False
   description: str = "train"
   handle_signals: bool = True
+  log_from_start: bool = False
 
   def __post_init__(self):
     if self.log_every < 1:
@@ -218,6 +223,10 @@ def run_loop(train_step: Callable[[Any, Any, Any], tuple[Any, Mapping]],
   Returns:
     A :class:`LoopResult`.
   """
+  if options.log_from_start and checkpointer is not None:
+    raise ValueError("LoopOptions(log_from_start=True) cannot be used with "
+                     "a checkpointer: a resumed run logs on the absolute "
+                     "log_every grid.")
   if checkpointer is not None and not (hasattr(batches, "get_state")
                                        and hasattr(batches, "set_state")):
     raise TypeError(
@@ -249,7 +258,8 @@ def fit(train_step: Callable[[DistillState, Any, Any],
   final state and the list of ``(step, mean metrics)`` logged.
   """
   result = run_loop(train_step, state, teacher_variables, batches,
-                    LoopOptions(log_every=log_every, handle_signals=False),
+                    LoopOptions(log_every=log_every, handle_signals=False,
+                                log_from_start=True),
                     on_log=on_log)
   return result.state, result.history
 
@@ -311,8 +321,10 @@ class _Run:
     self.state, self.start = start.state, start.step
     # A window saved on another log_every grid (the options changed) is
     # dropped: its steps were never part of a record of this grid.
+    # The step the log_every grid counts from.
+    self.grid_origin = self.start if options.log_from_start else 0
     self.window = start.window
-    if self.window.steps != self.start % options.log_every:
+    if self.window.steps != (self.start - self.grid_origin) % options.log_every:
       self.window = MetricsWindow()
     self.history: list = []
     self.evals: list = []
@@ -382,7 +394,7 @@ class _Run:
             jax.block_until_ready(metrics)
             self._t_last = time.perf_counter()
             first_step_s, self._rate_steps = self._t_last - t_start, 0
-          if done % opts.log_every == 0 or done == end:
+          if (done - self.grid_origin) % opts.log_every == 0 or done == end:
             self.flush(done)
           if (self.evaluate_fn is not None and opts.eval_every
               and done % opts.eval_every == 0 and done != end):

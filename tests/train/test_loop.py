@@ -187,6 +187,22 @@ def test_fit_is_the_plain_loop():
     train.fit(step, fitted, None, [], log_every=0)
 
 
+def test_fit_counts_its_windows_from_where_it_starts():
+  # Called once per epoch (the experiments do), each call logs its own
+  # windows: 7 steps with log_every 5 log at 5 and 7, then at 12 and 14 (not
+  # on the absolute grid 10, 14 that a resumed run needs).
+  state, step, batches, _ = _setup()
+  it = batches()
+  state, first = train.fit(step, state, None, [next(it) for _ in range(7)],
+                           log_every=5)
+  state, second = train.fit(step, state, None, [next(it) for _ in range(7)],
+                            log_every=5)
+  assert [s for s, _ in first] == [5, 7] and [s for s, _ in second] == [12, 14]
+  with pytest.raises(ValueError, match="log_from_start"):
+    train.run_loop(step, state, None, [], train.LoopOptions(
+        log_from_start=True), checkpointer=object())
+
+
 def test_a_checkpointed_loop_needs_a_resumable_iterator(tmp_path):
   state, step, _, _ = _setup()
   with checkpoint.DistillCheckpointer(tmp_path) as ckpt:
