@@ -353,6 +353,13 @@ def print_table(rows: list[dict]) -> str:
   return text
 
 
+def _host_info() -> dict:
+  """``common.host_info()``: the CPU, versions and commit of this reading
+  (imported here: experiments/common.py imports this module)."""
+  import common  # pylint: disable=g-import-not-at-top
+  return common.host_info()
+
+
 def plot(results: dict, path: str, teacher_accuracy: float) -> Optional[str]:
   """Per-seed test accuracy (alone vs each distilled run) and learning curves."""
   try:
@@ -644,7 +651,8 @@ def main(argv=None) -> dict:
                   "flops_per_example": f_s},
       "rows": rows, "table": table,
       "runs": {f"{k[0]} / {k[1]}": v for k, v in results.items()},
-      "times_s": timer.times, "total_time_s": total}
+      "times_s": timer.times, "total_time_s": total,
+      "host": _host_info()}
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
