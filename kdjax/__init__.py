@@ -11,6 +11,11 @@ modules that need them.
 from typing import TYPE_CHECKING
 
 from kdjax import _lazy
+from kdjax import _xla_flags
+
+# Keeps XLA:CPU's reductions off YNNPACK, whose threaded reductions race in
+# jaxlib 0.10 (see kdjax/_xla_flags.py); before JAX creates its CPU backend.
+_xla_flags.apply()
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+# Before any test computes: kdjax's XLA_FLAGS workaround for XLA:CPU's racing
+# YNNPACK reductions (kdjax/_xla_flags.py) reaches this process and, through
+# os.environ, every subprocess the tests start.
+import kdjax  # noqa: E402,F401  pylint: disable=unused-import
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
