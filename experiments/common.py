@@ -595,7 +595,13 @@ class fast_compiles:  # pylint: disable=invalid-name
   """``with fast_compiles(enabled):`` compiles with most XLA optimisations off.
 
   For ``--smoke`` runs, whose time is mostly compilation (as in
-  ``tests/test_methods.py``); the previous setting is restored on exit.
+  ``tests/test_methods.py``); the previous setting is restored on exit, and
+  JAX's in-memory caches are cleared: the flag is not part of JAX's cache
+  keys, so without it an executable compiled unoptimised here (an eager op's,
+  e.g. the ``truncated_normal`` of a flax ``init``) would be reused after the
+  block, and the same init would then differ in the last bits from a fresh
+  process's (the cause of ``test_resume_after_sigkill``'s rare failure, see
+  BUILD_NOTES.md "The resume race").
   """
 
   def __init__(self, enabled: bool):
@@ -608,6 +614,8 @@ class fast_compiles:  # pylint: disable=invalid-name
 
   def __exit__(self, *exc):
     jax.config.update("jax_disable_most_optimizations", self.previous)
+    if self.enabled:
+      jax.clear_caches()
 
 
 class Timer:

@@ -65,12 +65,16 @@ def _fast_compiles():
   """Compile with most XLA optimisations off: this file compiles ~25 steps.
 
   Halves the compile time; the numbers are the same up to rounding. Restored
-  after the module.
+  after the module, and JAX's caches cleared: the flag is not in JAX's cache
+  keys, so the unoptimised executables of eager ops (a flax init's) would
+  otherwise serve later tests in this process, whose inits would then differ
+  in the last bits from a fresh process's.
   """
   previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
+  jax.clear_caches()
 
 
 STUDENT = CNN(channels=(4, 8), dense=16, num_classes=CLASSES)
