@@ -11,7 +11,8 @@ states, never forming ``[B, T, V]`` logits); Tunix's Qwen3 / Llama 3 / Gemma 3
 NNX models as teachers and students (``make_tunix_lm_apply``; needs the
 ``.[tunix]`` extra, imported only when used); their local Hugging Face
 checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
-``save_hf_checkpoint``).
+``save_hf_checkpoint``); a registry of the LM objectives picked by name
+(``get_lm_objective``, ``build_lm_loss``, ``build_lm_objective_step``).
 """
 
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._lean": ("lean_token_ce_term", "lean_token_kd_term"),
     "._model": ("DecoderLM", "TransformerConfig", "init_cache", "init_lm",
         "make_lm_apply", "unembedding"),
+    "._objectives": ("LM_OBJECTIVES", "LMObjectiveSpec", "build_lm_loss",
+        "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
     "._tunix": ("FAMILIES", "TUNIX_FAMILIES", "init_tunix_cache",
         "init_tunix_model", "make_tunix_lm_apply", "make_tunix_rollout_fn",
@@ -66,6 +69,9 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
   from kdjax.lm._model import (
       DecoderLM, TransformerConfig, init_cache, init_lm, make_lm_apply,
       unembedding)
+  from kdjax.lm._objectives import (
+      LM_OBJECTIVES, LMObjectiveSpec, build_lm_loss, build_lm_objective_step,
+      get_lm_objective, lm_objectives_table)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
   from kdjax.lm._tunix import (
       FAMILIES, TUNIX_FAMILIES, init_tunix_cache, init_tunix_model,
