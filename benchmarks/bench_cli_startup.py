@@ -53,7 +53,7 @@ if argv == ["import"]:
   import kdjax
   sys.exit(0)
 if "distill" in argv:
-  from kdjax.cli import _logging
+  from kdjax.cli import metrics_log as _logging
   _log = _logging.MetricsLogger.log
   def log(self, step, split, values):
     if split == "train" and _report["first_step_at"] is None:

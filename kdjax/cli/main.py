@@ -44,9 +44,9 @@ import time
 import traceback
 from typing import Optional, Sequence
 
-from kdjax.cli import config as cfg
+from kdjax.cli.config import image as cfg
 from kdjax.cli import errors
-from kdjax.cli.config import ConfigError
+from kdjax.cli.config.base import ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -227,7 +227,7 @@ def cmd_config(args) -> int:
 def cmd_train_teacher(args) -> int:
   config = cfg.load_config(args.config, args.set)
   from kdjax import methods  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import _train  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import task as _train  # pylint: disable=g-import-not-at-top
   t = config["teacher"]
   return _train.train(
       config, command="train-teacher", run_dir=cfg.teacher_run_dir(config),
@@ -240,9 +240,9 @@ def cmd_train_teacher(args) -> int:
 def cmd_distill(args) -> int:
   config = cfg.load_config(args.config, args.set)
   spec = cfg.method_spec(config)
-  from kdjax.cli import _data  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import data as _data  # pylint: disable=g-import-not-at-top
   source = _data.build_source(config["data"], "train")
-  from kdjax.cli import _train  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import task as _train  # pylint: disable=g-import-not-at-top
   teacher = None
   if spec.recipe == "distill":
     names = spec.feature_names()["teacher"]
@@ -262,8 +262,8 @@ def cmd_cache_teacher(args) -> int:
   config = cfg.load_config(args.config, args.set)
   spec = cfg.method_spec(config)
   from kdjax import cache as kcache  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import _data  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import _train  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import data as _data  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import task as _train  # pylint: disable=g-import-not-at-top
   c = config["cache"]
   if c["features"] is not None:
     names = tuple(n.strip() for n in c["features"].split(",") if n.strip())
@@ -309,7 +309,7 @@ def cmd_eval(args) -> int:
   _check_run_dir(args.run_dir, lm=False)
   if args.teacher is not None and not args.no_teacher:
     _check_run_dir(args.teacher, lm=False)
-  from kdjax.cli import _eval  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import evaluate as _eval  # pylint: disable=g-import-not-at-top
   _eval.evaluate_run_dir(args.run_dir, teacher_dir=args.teacher,
                          no_teacher=args.no_teacher, overrides=args.set or ())
   return 0
@@ -323,7 +323,7 @@ def cmd_export(args) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from kdjax import checkpoint as kckpt  # pylint: disable=g-import-not-at-top
   from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
-  from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import models as _models  # pylint: disable=g-import-not-at-top
   quant = None
   if args.quantize != "none":
     from kdjax import compress  # pylint: disable=g-import-not-at-top
@@ -373,7 +373,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_lm_config(args) -> int:
-  from kdjax.cli import _lm_config  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
   if args.schema:
     print(_lm_config.describe_schema())
     return 0
@@ -382,16 +382,16 @@ def cmd_lm_config(args) -> int:
 
 
 def cmd_lm_train_teacher(args) -> int:
-  from kdjax.cli import _lm_config  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
   config = _lm_config.load_config(args.config, args.set)
-  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
   return _lm_train.train_teacher(config)
 
 
 def cmd_lm_distill(args) -> int:
-  from kdjax.cli import _lm_config  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
   config = _lm_config.load_config(args.config, args.set)
-  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
   return _lm_train.distill(config)
 
 
@@ -401,7 +401,7 @@ def cmd_lm_eval(args) -> int:
       raise errors.UsageError("give RUN_DIR or --hf HF_DIR, not both (the "
                               "teacher of --hf is the config's "
                               "teacher.hf_path).")
-    from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+    from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
     _lm_train.evaluate_hf(args.hf, args.config, overrides=args.set,
                           use_teacher=not args.no_teacher)
     return 0
@@ -414,7 +414,7 @@ def cmd_lm_eval(args) -> int:
   _check_run_dir(args.run_dir, lm=True)
   if args.teacher is not None and not args.no_teacher:
     _check_run_dir(args.teacher, lm=True)
-  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
   _lm_train.evaluate_run(args.run_dir, args.teacher,
                          use_teacher=not args.no_teacher, overrides=args.set)
   return 0
@@ -422,7 +422,7 @@ def cmd_lm_eval(args) -> int:
 
 def cmd_lm_generate(args) -> int:
   _check_run_dir(args.run_dir, lm=True)
-  from kdjax.cli import _lm_train  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
   _lm_train.generate_run(args.run_dir, args.prompt, overrides=args.set)
   return 0
 
@@ -431,7 +431,7 @@ def cmd_report(args) -> int:
   if args.labels and len(args.labels) != len(args.run_dirs):
     raise errors.UsageError(f"--labels gives {len(args.labels)} names for "
                             f"{len(args.run_dirs)} runs.")
-  from kdjax.cli import _report  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import report as _report  # pylint: disable=g-import-not-at-top
   _report.write_report(args.run_dirs, args.out, args.labels)
   return 0
 
@@ -440,7 +440,7 @@ def cmd_report(args) -> int:
 # Entry point.
 # -----------------------------------------------------------------------------
 
-# kdjax.cli._models.RUN_META (not imported here: it imports JAX).
+# kdjax.cli.image.models.RUN_META (not imported here: it imports JAX).
 _RUN_META = "run.json"
 
 # Python's errors that are fixable before the run starts: a path the user

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from kdjax.cli import config as cfg
+from kdjax.cli.config import image as cfg
 from kdjax.cli.main import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(

@@ -29,8 +29,8 @@ import pytest
 import yaml
 
 import _killed_runs
-from kdjax.cli import _data
-from kdjax.cli import _models
+from kdjax.cli.image import data as _data
+from kdjax.cli.image import models as _models
 from kdjax.cli.main import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -371,7 +371,7 @@ def test_sigterm_saves_then_resumes(flow, monkeypatch):
 def test_tfds_source_matches_the_idx_arrays(tmp_path):
   if not REAL_DATA:
     pytest.skip("needs Debian's dataset-fashion-mnist")
-  from kdjax.cli import config as cfg
+  from kdjax.cli.config import image as cfg
   c = cfg.load_config([], [f"data.tfds_data_dir={tmp_path}",
                            "data.max_train_examples=48",
                            "data.max_eval_examples=32"])

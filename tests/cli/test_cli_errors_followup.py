@@ -1,6 +1,6 @@
 """Exit statuses of the remaining raise sites of the CLI's helpers.
 
-The errors of ``kdjax.cli._models``, ``_data``, ``_eval`` and ``_report`` are
+The errors of ``kdjax.cli.image.models``, ``_data``, ``_eval`` and ``_report`` are
 the classes of :mod:`kdjax.cli.errors`: what the user fixes before the run
 (a teacher of another class count, a split the data lack, a missing data
 directory or TFDS preparation, a run without a checkpoint, a report's
@@ -18,10 +18,10 @@ import sys
 import numpy as np
 import pytest
 
-from kdjax.cli import _data
-from kdjax.cli import _models
-from kdjax.cli import _report
-from kdjax.cli import config as cfg
+from kdjax.cli.image import data as _data
+from kdjax.cli.image import models as _models
+from kdjax.cli.image import report as _report
+from kdjax.cli.config import image as cfg
 from kdjax.cli import errors
 from kdjax.cli import main as kmain
 
@@ -110,7 +110,7 @@ def test_damaged_run_json_is_1_and_names_the_file(tmp_path, capsys):
 
 def test_damaged_lm_run_json_is_a_run_error(tmp_path):
   """LM runs read run.json through the same reader: a damaged one is a RunError."""
-  from kdjax.cli import _lm_models  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.lm import models as _lm_models  # pylint: disable=g-import-not-at-top
   run = tmp_path / "lm_run"
   run.mkdir()
   (run / _lm_models.RUN_META).write_text('{"kind": "lm", "comm')

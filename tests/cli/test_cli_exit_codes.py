@@ -18,10 +18,10 @@ import pytest
 
 from kdjax.cache import CacheMismatchError
 from kdjax.checkpoint import CheckpointCorruptedError
-from kdjax.cli import _models
+from kdjax.cli.image import models as _models
 from kdjax.cli import errors
 from kdjax.cli import main as kmain
-from kdjax.cli.config import ConfigError
+from kdjax.cli.config.base import ConfigError
 from kdjax.data import DataError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from kdjax.checkpoint import DistillCheckpointer
-from kdjax.cli import _lm_data
-from kdjax.cli import _lm_models
+from kdjax.cli.lm import data as _lm_data
+from kdjax.cli.lm import models as _lm_models
 from kdjax.cli import errors
 from kdjax.cli.main import main
 

@@ -30,12 +30,12 @@ import ml_dtypes
 from safetensors.numpy import load_file
 
 import test_cli_lm_hf_end_to_end as hf_e2e
-from kdjax.cli import _lm_config
-from kdjax.cli import _lm_data
-from kdjax.cli import _lm_models
-from kdjax.cli import _lm_train
+from kdjax.cli.config import lm as _lm_config
+from kdjax.cli.lm import data as _lm_data
+from kdjax.cli.lm import models as _lm_models
+from kdjax.cli.lm import task as _lm_train
 from kdjax.cli import errors
-from kdjax.cli._config_base import ConfigError
+from kdjax.cli.config.base import ConfigError
 
 LM_TINY = hf_e2e.LM_TINY
 run_main = hf_e2e.run_main
@@ -308,7 +308,7 @@ def _hf_eval(hf_dir, *sets):
 
 def test_lm_eval_hf_compares_two_directories(f32_teacher, bf16_teacher,
                                              tmp_path):
-  from kdjax.cli import _lm_train as t
+  from kdjax.cli.lm import task as t
   _, f32 = f32_teacher
   _, bf16 = bf16_teacher
   a = t.evaluate_hf(f32, [LM_TINY], overrides=[

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import yaml
 
-from kdjax.cli import _data
-from kdjax.cli import config as cfg
+from kdjax.cli.image import data as _data
+from kdjax.cli.config import image as cfg
 from kdjax.cli.main import main
 
 
@@ -52,7 +52,7 @@ def _tiny_run(root, data: dict) -> dict:
 
 
 def _head_outputs(run_dir) -> int:
-  from kdjax.cli import _models
+  from kdjax.cli.image import models as _models
   variables = _models.read_run(str(run_dir)).restore_variables()
   return int(np.shape(variables["params"]["head"]["bias"])[0])
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-from kdjax.cli import _models
-from kdjax.cli import config as cfg
+from kdjax.cli.image import models as _models
+from kdjax.cli.config import image as cfg
 from kdjax.cli.main import main
 
 PACKAGE = "kdjax_test_user_nets"

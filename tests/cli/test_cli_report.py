@@ -19,7 +19,7 @@ import shutil
 import pytest
 import yaml
 
-from kdjax.cli import _report
+from kdjax.cli.image import report as _report
 from kdjax.cli.main import main
 
 REAL_DATA = os.path.exists(

@@ -56,7 +56,7 @@ def test_linen_distill_imports_neither_nnx_nor_boto3(tmp_path):
 
 def test_boto3_stays_importable_after_tensorboardx(tmp_path):
   modules = modules_after(
-      "from kdjax.cli import _logging\n"
+      "from kdjax.cli import metrics_log as _logging\n"
       f"log = _logging.MetricsLogger({str(tmp_path)!r})\n"
       "log.log(1, 'train', {'loss': 1.0}); log.close()\n"
       "import importlib.util, sys\n"

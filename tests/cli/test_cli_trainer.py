@@ -1,4 +1,4 @@
-"""The command line's shared trainer (kdjax/cli/_trainer.py): ``train.checks``
+"""The command line's shared trainer (kdjax/cli/trainer.py): ``train.checks``
 and the objective check, on the image commands (tiny synthetic runs)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax.cli import _trainer
-from kdjax.cli import config as cfg
-from kdjax.cli.config import ConfigError
+from kdjax.cli import trainer as _trainer
+from kdjax.cli.config import image as cfg
+from kdjax.cli.config.base import ConfigError
 from kdjax.cli.main import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(

@@ -121,8 +121,8 @@ def test_export_refuses_existing_directory_and_bad_bits(student, tmp_path):
 def _make_run(root, *, with_checkpoint: bool):
   from kdjax import checkpoint as kckpt
   from kdjax import train
-  from kdjax.cli import _models
-  from kdjax.cli import config as cfg
+  from kdjax.cli.image import models as _models
+  from kdjax.cli.config import image as cfg
   config = cfg.load_config([], [f"output_dir={root}", "student.arch=mlp",
                                 "student.hidden=[8]"])
   run_dir = os.path.join(root, "student_kd")

@@ -3,7 +3,7 @@
 Each objective's loss is compared with the same kdjax.lm terms composed by
 hand (hyper-parameters written out here, not read from the registry), and one
 step of each on a tiny DecoderLM pair with the step built by hand the way
-``kdjax lm distill`` builds it (kdjax/cli/_lm_train.py, ``build_objective``).
+``kdjax lm distill`` builds it (kdjax/cli/lm/task.py, ``build_objective``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from kdjax import lm
 from kdjax import train
-from kdjax.cli import _lm_config
+from kdjax.cli.config import lm as _lm_config
 from kdjax.losses import Term
 from kdjax.losses import TermInputs
 from kdjax.losses import compose
@@ -52,7 +52,7 @@ def tiny_batch(seq_len=8):
 
 
 def hand_loss(name, h, vocab_size=V):
-  """``h``'s terms composed by hand, as kdjax/cli/_lm_train.py loss_terms."""
+  """``h``'s terms composed by hand, as kdjax/cli/lm/task.py loss_terms."""
   lean = name == "lean_kd"
   ce_term = lm.lean_token_ce_term if lean else lm.token_ce_term
   if name in ("ce", "seq_kd"):
@@ -257,7 +257,7 @@ STEP_CASES = [("ce", {}), ("token_kd", {"ce_weight": 0.5}),
 
 
 def hand_step(name, h, optimizer, s_rollout, t_rollout, **step_kwargs):
-  """The step as kdjax/cli/_lm_train.py build_objective builds it."""
+  """The step as kdjax/cli/lm/task.py build_objective builds it."""
   loss_fn = hand_loss(name, h)
   lean = name == "lean_kd"
   s_apply = S_LEAN if lean else S_APPLY

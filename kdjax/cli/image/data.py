@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from kdjax.cli import errors
-from kdjax.cli._config_base import ConfigError
+from kdjax.cli.config.base import ConfigError
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 2048, 512
 FASHION_MNIST_BUILDER = "kdjax_fashion_mnist"
@@ -304,7 +304,7 @@ def build_source(data: Mapping[str, Any], which: str):
   """The random-access source of the ``"train"`` or ``"eval"`` split.
 
   Raises:
-    kdjax.cli.config.ConfigError: a split, file or key the data lack.
+    kdjax.cli.config.image.ConfigError: a split, file or key the data lack.
     kdjax.cli.errors.MissingDataError: the data directory, or the prepared
       TFDS dataset, is missing (exit status 2).
   """

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from kdjax.cli import errors
-from kdjax.cli._config_base import ConfigError
+from kdjax.cli.config.base import ConfigError
 
 _SPECIALS = ("<pad>", "<bos>", "<eos>")
 _PAD_CANDIDATES = ("<pad>", "[PAD]", "<|endoftext|>", "</s>", "<eos>")
@@ -254,7 +254,7 @@ def build_tokenizer(config: Mapping[str, Any], corpus: Optional[Mapping] = None,
                     out=print) -> Tokenizer:
   """The experiment's tokenizer (a BPE is trained once, on the training
   files, and saved as ``<output_dir>/tokenizer.json``)."""
-  from kdjax.cli import _lm_config  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
   tc = config["tokenizer"]
   hf = config["teacher"]["hf_path"]
   if hf and tc["kind"] != "file":

@@ -1,7 +1,7 @@
 """``kdjax lm train-teacher | distill | eval | generate``.
 
 A training command reads top to bottom, one phase per function, and hands
-the loop to the trainer the image commands share (:mod:`kdjax.cli._trainer`:
+the loop to the trainer the image commands share (:mod:`kdjax.cli.trainer`:
 restore, loop, evaluate, save, progress, metrics, signals)::
 
   lm_data          corpus (local files) -> tokenizer -> windows of seq_len + 1
@@ -9,7 +9,7 @@ restore, loop, evaluate, save, progress, metrics, signals)::
   load_teacher     lm distill: the teacher run's model and variables (its
                    tokenizer must be the student's)
   build_lm         the student (or teacher) model: kdjax.lm.DecoderLM or a
-                   Tunix Qwen3 / Llama 3 / Gemma 3 (kdjax.cli._lm_models)
+                   Tunix Qwen3 / Llama 3 / Gemma 3 (kdjax.cli.lm.models)
   build_objective  the loss terms of distill.objective (kdjax.lm's token KD,
                    lean KD, GKD, sequence KD, or the student's cross-entropy),
                    its hyper-parameters checked on an example batch, the
@@ -33,13 +33,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from kdjax.cli import _lm_config
-from kdjax.cli import _lm_data
-from kdjax.cli import _lm_models
-from kdjax.cli import _trainer
+from kdjax.cli.config import lm as _lm_config
+from kdjax.cli.lm import data as _lm_data
+from kdjax.cli.lm import models as _lm_models
+from kdjax.cli import trainer as _trainer
 from kdjax.cli import errors
-from kdjax.cli._config_base import ConfigError
-from kdjax.cli._trainer import Objective
+from kdjax.cli.config.base import ConfigError
+from kdjax.cli.trainer import Objective
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.json"

@@ -1,12 +1,12 @@
 """The schema of the image commands' config (``kdjax config --schema``).
 
 Every key of a run's YAML config with its default, kind and meaning; see
-:mod:`kdjax.cli.config` for loading and validation. Standard library only.
+:mod:`kdjax.cli.config.image` for loading and validation. Standard library only.
 """
 
 from __future__ import annotations
 
-from kdjax.cli._config_base import Field
+from kdjax.cli.config.base import Field
 
 BUILTIN_ARCHS = ("cnn", "mlp")
 

@@ -14,7 +14,7 @@
   write_run         config.yaml and run.json of the run directory
   ImageEvaluator    accuracy (and teacher agreement, KL) on the eval split
   _trainer.run      restore, loop, evaluate, save (shared with ``kdjax lm``,
-                    see :mod:`kdjax.cli._trainer`)
+                    see :mod:`kdjax.cli.trainer`)
 
 On start the run resumes from its newest checkpoint (state, RNG, optimizer,
 loss state, data position and the sums of the metrics window it stopped in),
@@ -35,13 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.cli import _data
-from kdjax.cli import _models
-from kdjax.cli import _trainer
-from kdjax.cli import config as cfg
+from kdjax.cli.image import data as _data
+from kdjax.cli.image import models as _models
+from kdjax.cli import trainer as _trainer
+from kdjax.cli.config import image as cfg
 from kdjax.cli import errors
-from kdjax.cli._trainer import Objective
-from kdjax.cli.config import ConfigError
+from kdjax.cli.trainer import Objective
+from kdjax.cli.config.base import ConfigError
 
 # Shared with kdjax lm (kept here for the modules that read them from _train).
 SUMMARY_FILE = _trainer.SUMMARY_FILE

@@ -1,7 +1,7 @@
 """Schema-driven YAML configs: fields, defaults, merging, ``--set`` overrides.
 
-The machinery behind :mod:`kdjax.cli.config` (the image commands' config) and
-:mod:`kdjax.cli._lm_config` (``kdjax lm``'s): a schema is a nested mapping of
+The machinery behind :mod:`kdjax.cli.config.image` (the image commands' config) and
+:mod:`kdjax.cli.config.lm` (``kdjax lm``'s): a schema is a nested mapping of
 sections whose leaves are :class:`Field` s. :func:`defaults` builds its
 default config, :func:`merge` merges a YAML mapping into a config (unknown
 keys name themselves and suggest the closest valid key), :func:`apply_override`

@@ -23,9 +23,9 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from kdjax.cli import _lm_config
+from kdjax.cli.config import lm as _lm_config
 from kdjax.cli import errors
-from kdjax.cli._config_base import ConfigError
+from kdjax.cli.config.base import ConfigError
 
 RUN_META = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -363,7 +363,7 @@ def is_lm_run(path: str) -> bool:
 
 def read_lm_run(path: str) -> LMRun:
   """Reads an LM run directory; a MissingRunError if it is none."""
-  from kdjax.cli import _models  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import models as _models  # pylint: disable=g-import-not-at-top
   meta = _models.read_run_meta(
       path, written_by="LM runs are written by `kdjax lm train-teacher` and "
       "`kdjax lm distill`")
@@ -378,7 +378,7 @@ def read_lm_run(path: str) -> LMRun:
 def write_lm_run(path: str, config: Mapping[str, Any],
                  meta: Mapping[str, Any]) -> None:
   """Writes config.yaml and run.json (atomically)."""
-  from kdjax.cli import _config_base  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import base as _config_base  # pylint: disable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
   for name, text in ((CONFIG_FILE, _config_base.dump(config)),
                      (RUN_META, json.dumps({"kind": "lm", **meta}, indent=1))):

@@ -3,7 +3,7 @@
 ``kdjax lm train-teacher | distill | eval | generate`` read a YAML file of the
 keys of :data:`LM_SCHEMA` (any key may be left out) and ``--set KEY=VALUE``
 overrides, checked as the image commands' configs are
-(:mod:`kdjax.cli._config_base`: unknown keys, types, choices; ConfigError,
+(:mod:`kdjax.cli.config.base`: unknown keys, types, choices; ConfigError,
 exit status 2). ``kdjax lm config --schema`` prints the schema. Standard
 library and PyYAML only: the config is read before JAX is imported.
 """
@@ -14,10 +14,10 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
-from kdjax.cli import _config_base
-from kdjax.cli import _schema
-from kdjax.cli._config_base import ConfigError
-from kdjax.cli._config_base import Field
+from kdjax.cli.config import base as _config_base
+from kdjax.cli.config import image_schema as _schema
+from kdjax.cli.config.base import ConfigError
+from kdjax.cli.config.base import Field
 
 FAMILIES = ("kdjax", "qwen3", "llama3", "gemma3")
 OBJECTIVES = ("ce", "token_kd", "lean_kd", "gkd", "seq_kd")

@@ -1,7 +1,7 @@
 """The user's own model classes: ``arch: "package.module:ClassName"``.
 
-Read while a config is validated (:mod:`kdjax.cli.config`) and when the model
-is built (:mod:`kdjax.cli._models`); Flax is imported on the first call, JAX
+Read while a config is validated (:mod:`kdjax.cli.config.image`) and when the model
+is built (:mod:`kdjax.cli.image.models`); Flax is imported on the first call, JAX
 not before.
 """
 
@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from kdjax.cli._config_base import ConfigError
+from kdjax.cli.config.base import ConfigError
 
 
 def import_arch(arch: str, key: str = "arch") -> tuple[type, str]:

@@ -40,11 +40,11 @@ from typing import Any, Callable, Mapping, Optional
 import optax
 
 from kdjax import train as ktrain
-from kdjax.cli import _logging
-from kdjax.cli import _models
-from kdjax.cli import config as cfg
+from kdjax.cli import metrics_log as _logging
+from kdjax.cli.image import models as _models
+from kdjax.cli.config import image as cfg
 from kdjax.cli import errors
-from kdjax.cli.config import ConfigError
+from kdjax.cli.config.base import ConfigError
 
 SUMMARY_FILE = "summary.json"
 EXIT_INTERRUPTED = {signal.SIGINT: errors.EXIT_SIGINT,

@@ -30,10 +30,10 @@ import json
 import os
 from typing import Callable, Optional, Sequence
 
-from kdjax.cli import _eval
-from kdjax.cli import _logging
-from kdjax.cli import _models
-from kdjax.cli import _train
+from kdjax.cli.image import evaluate as _eval
+from kdjax.cli import metrics_log as _logging
+from kdjax.cli.image import models as _models
+from kdjax.cli.image import task as _train
 from kdjax.cli import errors
 
 

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.cli import _data
-from kdjax.cli import _models
+from kdjax.cli.image import data as _data
+from kdjax.cli.image import models as _models
 from kdjax.cli import calibration
 from kdjax.cli import errors
 
@@ -196,7 +196,7 @@ def evaluate_run_dir(run_dir: str, *,
     FileNotFoundError: ``run_dir`` (or ``teacher_dir``) is not a run, or has
       no checkpoint yet.
   """
-  from kdjax.cli import config as cfg  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import image as cfg  # pylint: disable=g-import-not-at-top
   run = _models.read_run(run_dir)
   if overrides:
     run.config = cfg.load_config([os.path.join(run.path, _models.CONFIG_FILE)],

@@ -19,9 +19,9 @@ message and exits with status 2, without a traceback).
 ``kdjax`` prints the full schema with ``kdjax config --schema`` (defaults) and
 the resolved config of a file with ``kdjax config --config f.yaml``.
 
-The module is split by topic: the schema is :mod:`kdjax.cli._schema`, the
+The module is split by topic: the schema is :mod:`kdjax.cli.config.image_schema`, the
 schema-driven machinery (fields, merging, overrides, coercion)
-:mod:`kdjax.cli._config_base`; this module loads the image commands' config,
+:mod:`kdjax.cli.config.base`; this module loads the image commands' config,
 checks the method and the keys that depend on each other, and derives the
 run paths. Their public names are all reachable from here.
 """
@@ -31,21 +31,21 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
-from kdjax.cli import _config_base
-from kdjax.cli._arch import import_arch
-from kdjax.cli._config_base import ConfigError
-from kdjax.cli._config_base import Field
-from kdjax.cli._config_base import _as_float
-from kdjax.cli._config_base import _as_int
-from kdjax.cli._config_base import _suggest
-from kdjax.cli._config_base import _type_name
-from kdjax.cli._config_base import dump
-from kdjax.cli._config_base import parse_override
-from kdjax.cli._config_base import read_yaml
-from kdjax.cli._config_base import to_json
-from kdjax.cli._schema import BUILTIN_ARCHS
-from kdjax.cli._schema import SCHEMA
-from kdjax.cli._schema import SUPPORTED_RECIPES
+from kdjax.cli.config import base as _config_base
+from kdjax.cli.image.arch import import_arch
+from kdjax.cli.config.base import ConfigError
+from kdjax.cli.config.base import Field
+from kdjax.cli.config.base import _as_float
+from kdjax.cli.config.base import _as_int
+from kdjax.cli.config.base import _suggest
+from kdjax.cli.config.base import _type_name
+from kdjax.cli.config.base import dump
+from kdjax.cli.config.base import parse_override
+from kdjax.cli.config.base import read_yaml
+from kdjax.cli.config.base import to_json
+from kdjax.cli.config.image_schema import BUILTIN_ARCHS
+from kdjax.cli.config.image_schema import SCHEMA
+from kdjax.cli.config.image_schema import SUPPORTED_RECIPES
 
 __all__ = ("BUILTIN_ARCHS", "ConfigError", "Field", "SCHEMA",
            "SUPPORTED_RECIPES", "apply_override", "cache_dir",
@@ -97,7 +97,7 @@ def load_config(paths: Sequence[str] = (),
     overrides: ``"section.key=value"`` strings, applied in order.
 
   ``null`` ``data.num_classes``, ``data.mean`` and ``data.std`` are then
-  filled from the data (:func:`kdjax.cli._data.resolve`: this reads the
+  filled from the data (:func:`kdjax.cli.image.data.resolve`: this reads the
   training labels and images once).
 
   Returns:
@@ -116,7 +116,7 @@ def load_config(paths: Sequence[str] = (),
   for text in overrides:
     apply_override(config, text)
   validate(config)
-  from kdjax.cli import _data  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.image import data as _data  # pylint: disable=g-import-not-at-top
   _data.resolve(config["data"])
   return config
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.cli import errors
-from kdjax.cli._arch import import_arch
-from kdjax.cli._config_base import ConfigError
+from kdjax.cli.image.arch import import_arch
+from kdjax.cli.config.base import ConfigError
 
 RUN_META = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -308,7 +308,7 @@ def read_run_meta(path: str, *, written_by: str = "runs are written by "
 
 def read_run(path: str) -> Run:
   """Reads ``path``'s config.yaml and run.json (errors: :func:`read_run_meta`)."""
-  from kdjax.cli import config as cfg  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import image as cfg  # pylint: disable=g-import-not-at-top
   meta = read_run_meta(path)
   # The saved config is complete and valid; load_config re-checks it.
   config = cfg.load_config([os.path.join(path, CONFIG_FILE)])
@@ -317,7 +317,7 @@ def read_run(path: str) -> Run:
 
 def write_run(path: str, config: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
   """Writes config.yaml and run.json (atomically)."""
-  from kdjax.cli import config as cfg  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import image as cfg  # pylint: disable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
   for name, text in ((CONFIG_FILE, cfg.dump(config)),
                      (RUN_META, json.dumps(dict(meta), indent=1))):
