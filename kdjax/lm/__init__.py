@@ -11,7 +11,12 @@ states, never forming ``[B, T, V]`` logits); Tunix's Qwen3 / Llama 3 / Gemma 3
 NNX models as teachers and students (``make_tunix_lm_apply``; needs the
 ``.[tunix]`` extra, imported only when used); their local Hugging Face
 checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
-``save_hf_checkpoint``).
+``save_hf_checkpoint``). The pieces of a training run outside the command
+line: tokenizers (``Tokenizer``: bytes, a ``tokenizer.json``, a BPE trained by
+``train_bpe``; ``check_same_tokenizer``), token windows of texts and resumable
+shuffled batches (``token_windows``, ``LMBatches``), and a model bundled with
+its apply, lean-apply and generation functions (``LMModel``:
+``decoder_lm_model``, ``tunix_lm_model``; ``NNXParams``).
 """
 
 from typing import TYPE_CHECKING
@@ -30,14 +35,16 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._generate": ("GenerationOutput", "SamplingConfig",
         "batch_from_generation", "generate", "make_rollout_fn",
         "sample_logits"),
-    "._hf": ("HFCheckpoint", "check_same_tokenizer", "check_tokenizer_fits",
-        "load_hf_checkpoint", "load_hf_tokenizer", "save_hf_checkpoint",
-        "student_from_teacher"),
+    "._hf": ("HFCheckpoint", "check_tokenizer_fits", "load_hf_checkpoint",
+        "load_hf_tokenizer", "save_hf_checkpoint", "student_from_teacher"),
     "._hf_config": ("HFCheckpointError", "tunix_config_from_hf"),
     "._lean": ("lean_token_ce_term", "lean_token_kd_term"),
     "._model": ("DecoderLM", "TransformerConfig", "init_cache", "init_lm",
         "make_lm_apply", "unembedding"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
+    "._tokenizer": ("SpecialTokenError", "Tokenizer", "TokenizerError",
+        "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
+        "load_tokenizer", "tokenizer_from_json", "train_bpe"),
     "._tunix": ("FAMILIES", "TUNIX_FAMILIES", "init_tunix_cache",
         "init_tunix_model", "make_tunix_lm_apply", "make_tunix_rollout_fn",
         "rebuild_model", "tunix_family", "tunix_generate", "tunix_model_config",
@@ -58,15 +65,18 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       GenerationOutput, SamplingConfig, batch_from_generation, generate,
       make_rollout_fn, sample_logits)
   from kdjax.lm._hf import (
-      HFCheckpoint, check_same_tokenizer, check_tokenizer_fits,
-      load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint,
-      student_from_teacher)
+      HFCheckpoint, check_tokenizer_fits, load_hf_checkpoint,
+      load_hf_tokenizer, save_hf_checkpoint, student_from_teacher)
   from kdjax.lm._hf_config import HFCheckpointError, tunix_config_from_hf
   from kdjax.lm._lean import lean_token_ce_term, lean_token_kd_term
   from kdjax.lm._model import (
       DecoderLM, TransformerConfig, init_cache, init_lm, make_lm_apply,
       unembedding)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
+  from kdjax.lm._tokenizer import (
+      SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
+      byte_tokenizer, check_same_tokenizer, load_tokenizer,
+      tokenizer_from_json, train_bpe)
   from kdjax.lm._tunix import (
       FAMILIES, TUNIX_FAMILIES, init_tunix_cache, init_tunix_model,
       make_tunix_lm_apply, make_tunix_rollout_fn, rebuild_model, tunix_family,
