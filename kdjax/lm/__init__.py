@@ -26,6 +26,8 @@ from kdjax import _lazy
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._batches": ("BatchSizeError", "LMBatches", "padded_eval_batches",
         "prompt_batch", "token_windows"),
+    "._bundle": ("LMModel", "NNXParams", "VocabularySizeError",
+        "decoder_lm_model", "tunix_lm_model"),
     "._cross_tokenizer": ("TEACHER_PREFIX", "PairTokenizer",
         "make_cross_tokenizer_batch", "make_teacher_lm_apply", "make_uld_loss",
         "uld_term"),
@@ -57,6 +59,9 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
   from kdjax.lm._batches import (
       BatchSizeError, LMBatches, padded_eval_batches, prompt_batch,
       token_windows)
+  from kdjax.lm._bundle import (
+      LMModel, NNXParams, VocabularySizeError, decoder_lm_model,
+      tunix_lm_model)
   from kdjax.lm._cross_tokenizer import (
       TEACHER_PREFIX, PairTokenizer, make_cross_tokenizer_batch,
       make_teacher_lm_apply, make_uld_loss, uld_term)
