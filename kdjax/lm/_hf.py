@@ -66,7 +66,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-Tokenizer = Any  # tokenizers.Tokenizer
+HFTokenizer = Any  # tokenizers.Tokenizer (kdjax.lm.Tokenizer is kdjax's)
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ class HFCheckpoint:
   family: str
   config: Any
   model: Any
-  tokenizer: Optional[Tokenizer]
+  tokenizer: Optional[HFTokenizer]
   hf_config: dict
   path: str = ""
 
@@ -131,7 +131,7 @@ def _safetensors_files(path: str) -> list:
   return [os.path.join(path, name) for name in files]
 
 
-def load_hf_tokenizer(path: str) -> Tokenizer:
+def load_hf_tokenizer(path: str) -> HFTokenizer:
   """``tokenizers.Tokenizer`` from ``path/tokenizer.json`` (or a file path).
 
   Raises:
@@ -155,14 +155,14 @@ def load_hf_tokenizer(path: str) -> Tokenizer:
 # --------------------------------------------------------------------------
 
 
-def tokenizer_vocab_size(tokenizer: Tokenizer) -> int:
+def tokenizer_vocab_size(tokenizer: HFTokenizer) -> int:
   """Number of ids a ``tokenizers.Tokenizer`` can emit (added tokens too):
   one more than its largest id."""
   vocab = tokenizer.get_vocab(with_added_tokens=True)
   return max(vocab.values()) + 1 if vocab else 0
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, *,
+def check_tokenizer_fits(tokenizer: HFTokenizer, vocab_size: int, *,
                          what: str = "the model") -> None:
   """Raise if ``tokenizer`` emits ids ``>= vocab_size``.
 
@@ -422,7 +422,7 @@ def student_from_teacher(
 
 def save_hf_checkpoint(path: str, family: str, model: Any, *,
                        hf_config: Optional[Mapping[str, Any]] = None,
-                       tokenizer: Optional[Tokenizer] = None,
+                       tokenizer: Optional[HFTokenizer] = None,
                        dtype: Any = None) -> str:
   """Write ``model`` as a Hugging Face directory that loads again.
 
