@@ -13,6 +13,11 @@ NNX models as teachers and students (``make_tunix_lm_apply``; needs the
 checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
 ``save_hf_checkpoint``); a registry of the LM objectives picked by name
 (``get_lm_objective``, ``build_lm_loss``, ``build_lm_objective_step``).
+The pieces of a training run outside the command line: tokenizers (``Tokenizer``: bytes, a ``tokenizer.json``, a BPE trained by
+``train_bpe``; ``check_same_tokenizer``), token windows of texts and resumable
+shuffled batches (``token_windows``, ``LMBatches``), and a model bundled with
+its apply, lean-apply and generation functions (``LMModel``:
+``decoder_lm_model``, ``tunix_lm_model``; ``NNXParams``).
 """
 
 from typing import TYPE_CHECKING
@@ -20,6 +25,10 @@ from typing import TYPE_CHECKING
 from kdjax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "._batches": ("BatchSizeError", "LMBatches", "padded_eval_batches",
+        "prompt_batch", "token_windows"),
+    "._bundle": ("LMModel", "NNXParams", "VocabularySizeError",
+        "decoder_lm_model", "tunix_lm_model"),
     "._cross_tokenizer": ("TEACHER_PREFIX", "PairTokenizer",
         "make_cross_tokenizer_batch", "make_teacher_lm_apply", "make_uld_loss",
         "uld_term"),
@@ -31,9 +40,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._generate": ("GenerationOutput", "SamplingConfig",
         "batch_from_generation", "generate", "make_rollout_fn",
         "sample_logits"),
-    "._hf": ("HFCheckpoint", "check_same_tokenizer", "check_tokenizer_fits",
-        "load_hf_checkpoint", "load_hf_tokenizer", "save_hf_checkpoint",
-        "student_from_teacher"),
+    "._hf": ("HFCheckpoint", "check_tokenizer_fits", "load_hf_checkpoint",
+        "load_hf_tokenizer", "save_hf_checkpoint", "student_from_teacher"),
     "._hf_config": ("HFCheckpointError", "tunix_config_from_hf"),
     "._lean": ("lean_token_ce_term", "lean_token_kd_term"),
     "._model": ("DecoderLM", "TransformerConfig", "init_cache", "init_lm",
@@ -41,6 +49,9 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._objectives": ("LM_OBJECTIVES", "LMObjectiveSpec", "build_lm_loss",
         "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
+    "._tokenizer": ("SpecialTokenError", "Tokenizer", "TokenizerError",
+        "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
+        "load_tokenizer", "tokenizer_from_json", "train_bpe"),
     "._tunix": ("FAMILIES", "TUNIX_FAMILIES", "init_tunix_cache",
         "init_tunix_model", "make_tunix_lm_apply", "make_tunix_rollout_fn",
         "rebuild_model", "tunix_family", "tunix_generate", "tunix_model_config",
@@ -48,6 +59,12 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
 })
 
 if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
+  from kdjax.lm._batches import (
+      BatchSizeError, LMBatches, padded_eval_batches, prompt_batch,
+      token_windows)
+  from kdjax.lm._bundle import (
+      LMModel, NNXParams, VocabularySizeError, decoder_lm_model,
+      tunix_lm_model)
   from kdjax.lm._cross_tokenizer import (
       TEACHER_PREFIX, PairTokenizer, make_cross_tokenizer_batch,
       make_teacher_lm_apply, make_uld_loss, uld_term)
@@ -61,9 +78,8 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       GenerationOutput, SamplingConfig, batch_from_generation, generate,
       make_rollout_fn, sample_logits)
   from kdjax.lm._hf import (
-      HFCheckpoint, check_same_tokenizer, check_tokenizer_fits,
-      load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint,
-      student_from_teacher)
+      HFCheckpoint, check_tokenizer_fits, load_hf_checkpoint,
+      load_hf_tokenizer, save_hf_checkpoint, student_from_teacher)
   from kdjax.lm._hf_config import HFCheckpointError, tunix_config_from_hf
   from kdjax.lm._lean import lean_token_ce_term, lean_token_kd_term
   from kdjax.lm._model import (
@@ -73,6 +89,10 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       LM_OBJECTIVES, LMObjectiveSpec, build_lm_loss, build_lm_objective_step,
       get_lm_objective, lm_objectives_table)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
+  from kdjax.lm._tokenizer import (
+      SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
+      byte_tokenizer, check_same_tokenizer, load_tokenizer,
+      tokenizer_from_json, train_bpe)
   from kdjax.lm._tunix import (
       FAMILIES, TUNIX_FAMILIES, init_tunix_cache, init_tunix_model,
       make_tunix_lm_apply, make_tunix_rollout_fn, rebuild_model, tunix_family,

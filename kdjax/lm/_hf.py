@@ -29,9 +29,9 @@ Errors name the problem: a missing file, a tensor missing from the files or
 not expected by the config, a shape that contradicts ``config.json`` (with the
 keys that imply it), a config feature Tunix's model cannot run, a tokenizer
 with more tokens than the model's vocabulary (:func:`check_tokenizer_fits`),
-and a teacher and student with different tokenizers
-(:func:`check_same_tokenizer`, which points to cross-tokenizer distillation,
-``kdjax.lm.make_uld_loss``).
+and (in :mod:`kdjax.lm._tokenizer`) a teacher and student with different
+tokenizers (``kdjax.lm.check_same_tokenizer``, which points to cross-tokenizer
+distillation, ``kdjax.lm.make_uld_loss``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-Tokenizer = Any  # tokenizers.Tokenizer
+HFTokenizer = Any  # tokenizers.Tokenizer (kdjax.lm.Tokenizer is kdjax's)
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ class HFCheckpoint:
   family: str
   config: Any
   model: Any
-  tokenizer: Optional[Tokenizer]
+  tokenizer: Optional[HFTokenizer]
   hf_config: dict
   path: str = ""
 
@@ -131,7 +131,7 @@ def _safetensors_files(path: str) -> list:
   return [os.path.join(path, name) for name in files]
 
 
-def load_hf_tokenizer(path: str) -> Tokenizer:
+def load_hf_tokenizer(path: str) -> HFTokenizer:
   """``tokenizers.Tokenizer`` from ``path/tokenizer.json`` (or a file path).
 
   Raises:
@@ -155,14 +155,14 @@ def load_hf_tokenizer(path: str) -> Tokenizer:
 # --------------------------------------------------------------------------
 
 
-def tokenizer_vocab_size(tokenizer: Tokenizer) -> int:
+def tokenizer_vocab_size(tokenizer: HFTokenizer) -> int:
   """Number of ids a ``tokenizers.Tokenizer`` can emit (added tokens too):
   one more than its largest id."""
   vocab = tokenizer.get_vocab(with_added_tokens=True)
   return max(vocab.values()) + 1 if vocab else 0
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, *,
+def check_tokenizer_fits(tokenizer: HFTokenizer, vocab_size: int, *,
                          what: str = "the model") -> None:
   """Raise if ``tokenizer`` emits ids ``>= vocab_size``.
 
@@ -180,59 +180,6 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, *,
         f"{size - 1} have no embedding. Use the tokenizer the model was "
         "trained with, or a model with vocab_size >= the tokenizer's")
 
-
-def _tokenizer_parts(tokenizer: Tokenizer) -> dict:
-  spec = json.loads(tokenizer.to_str())
-  return {key: spec.get(key) for key in
-          ("normalizer", "pre_tokenizer", "model", "added_tokens")}
-
-
-def check_same_tokenizer(teacher_tokenizer: Tokenizer,
-                         student_tokenizer: Tokenizer) -> None:
-  """Raise unless teacher and student split every text into the same ids.
-
-  Compares the vocabularies (token -> id, added tokens included) and the
-  tokenization pipeline (normalizer, pre-tokenizer, model: BPE merges,
-  unigram scores, ...); padding, truncation and post-processing settings may
-  differ. Token-level KD compares the two distributions id by id, so it needs
-  one tokenizer.
-
-  Raises:
-    HFCheckpointError: naming the first difference, and pointing to
-      cross-tokenizer distillation (``kdjax.lm.make_uld_loss``).
-  """
-  uld = ("Token-level distillation compares teacher and student "
-         "probabilities id by id and needs one tokenizer. For a teacher and "
-         "a student with different tokenizers use cross-tokenizer "
-         "distillation: kdjax.lm.make_uld_loss (Universal Logit "
-         "Distillation, Boizard et al. 2024), with batches from "
-         "kdjax.lm.make_cross_tokenizer_batch.")
-  tv = teacher_tokenizer.get_vocab(with_added_tokens=True)
-  sv = student_tokenizer.get_vocab(with_added_tokens=True)
-  if tv != sv:
-    only_t = sorted(set(tv) - set(sv))
-    only_s = sorted(set(sv) - set(tv))
-    moved = sorted(t for t in set(tv) & set(sv) if tv[t] != sv[t])
-    parts = [f"the teacher's tokenizer has {len(tv)} tokens, the student's "
-             f"{len(sv)}"]
-    if only_t:
-      parts.append(f"{len(only_t)} only in the teacher's (e.g. {only_t[0]!r})")
-    if only_s:
-      parts.append(f"{len(only_s)} only in the student's (e.g. {only_s[0]!r})")
-    if moved:
-      parts.append(f"{len(moved)} with different ids (e.g. {moved[0]!r}: "
-                   f"{tv[moved[0]]} vs {sv[moved[0]]})")
-    raise HFCheckpointError(
-        "teacher and student have different tokenizers: " + ", ".join(parts)
-        + ". " + uld)
-  tp, sp = (_tokenizer_parts(teacher_tokenizer),
-            _tokenizer_parts(student_tokenizer))
-  for key in tp:
-    if tp[key] != sp[key]:
-      raise HFCheckpointError(
-          f"teacher and student tokenizers share a vocabulary but differ in "
-          f"their {key.replace('_', '-')}, so they split texts differently. "
-          + uld)
 
 # --------------------------------------------------------------------------
 # Loading
@@ -475,7 +422,7 @@ def student_from_teacher(
 
 def save_hf_checkpoint(path: str, family: str, model: Any, *,
                        hf_config: Optional[Mapping[str, Any]] = None,
-                       tokenizer: Optional[Tokenizer] = None,
+                       tokenizer: Optional[HFTokenizer] = None,
                        dtype: Any = None) -> str:
   """Write ``model`` as a Hugging Face directory that loads again.
 
