@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 
 from kdjax.cli.config import image as cfg
 from kdjax.cli import errors
+from kdjax.cli import runs
 from kdjax.cli.config.base import ConfigError
 
 
@@ -306,9 +307,9 @@ def cmd_cache_teacher(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  _check_run_dir(args.run_dir, lm=False)
+  runs.check_kind(args.run_dir, lm=False)
   if args.teacher is not None and not args.no_teacher:
-    _check_run_dir(args.teacher, lm=False)
+    runs.check_kind(args.teacher, lm=False)
   from kdjax.cli.image import evaluate as _eval  # pylint: disable=g-import-not-at-top
   _eval.evaluate_run_dir(args.run_dir, teacher_dir=args.teacher,
                          no_teacher=args.no_teacher, overrides=args.set or ())
@@ -316,7 +317,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-  _check_run_dir(args.run_dir, lm=False)
+  runs.check_kind(args.run_dir, lm=False)
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
   import jax  # pylint: disable=g-import-not-at-top
@@ -411,9 +412,9 @@ def cmd_lm_eval(args) -> int:
   if args.config:
     raise errors.UsageError("--config is for --hf; a run directory has its "
                             "own config.yaml (change keys with --set).")
-  _check_run_dir(args.run_dir, lm=True)
+  runs.check_kind(args.run_dir, lm=True)
   if args.teacher is not None and not args.no_teacher:
-    _check_run_dir(args.teacher, lm=True)
+    runs.check_kind(args.teacher, lm=True)
   from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
   _lm_train.evaluate_run(args.run_dir, args.teacher,
                          use_teacher=not args.no_teacher, overrides=args.set)
@@ -421,7 +422,7 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_lm_generate(args) -> int:
-  _check_run_dir(args.run_dir, lm=True)
+  runs.check_kind(args.run_dir, lm=True)
   from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
   _lm_train.generate_run(args.run_dir, args.prompt, overrides=args.set)
   return 0
@@ -440,9 +441,6 @@ def cmd_report(args) -> int:
 # Entry point.
 # -----------------------------------------------------------------------------
 
-# kdjax.cli.image.models.RUN_META (not imported here: it imports JAX).
-_RUN_META = "run.json"
-
 # Python's errors that are fixable before the run starts: a path the user
 # gave (a run directory, teacher run or cache, data directory or file, an
 # export target) or a package to install. kdjax's own errors carry their
@@ -453,32 +451,6 @@ _USAGE_TYPES = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
 # Checks during a run (a value a loss rejects, a shape, a NaN): one line, as
 # for kdjax's errors whose class declares a failure (``exit_code`` 1).
 _ONE_LINE_TYPES = (ValueError, TypeError, KeyError, FloatingPointError)
-
-
-def _check_run_dir(path: str, lm: Optional[bool] = None) -> None:
-  """A MissingRunError unless ``path`` is a kdjax run directory (checked
-  before the command imports JAX); with ``lm`` True/False, a UsageError for
-  a run of the other kind (an LM run given to ``kdjax eval``, ...)."""
-  meta = os.path.join(path, _RUN_META)
-  if not os.path.exists(meta):
-    raise errors.MissingRunError(
-        f"{path} is not a kdjax run directory (no {_RUN_META}); runs are "
-        "written by `kdjax train-teacher` and `kdjax distill` (`kdjax lm "
-        "train-teacher` and `kdjax lm distill` for language models).")
-  if lm is None:
-    return
-  import json  # pylint: disable=g-import-not-at-top
-  try:
-    with open(meta) as f:
-      is_lm = json.load(f).get("kind") == "lm"
-  except (OSError, ValueError, AttributeError):
-    return  # a damaged run.json: its reader names it (exit 1)
-  if is_lm and not lm:
-    raise errors.UsageError(f"{path} is a language-model run; use `kdjax lm "
-                            "eval` / `kdjax lm generate` for it.")
-  if lm and not is_lm:
-    raise errors.UsageError(f"{path} is an image run, not a language-model "
-                            "run; use `kdjax eval` for it.")
 
 
 def exit_status(exc: BaseException) -> int:

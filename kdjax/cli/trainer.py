@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import optax
 
+from kdjax.cli import runs
 from kdjax import train as ktrain
 from kdjax.cli import metrics_log as _logging
 from kdjax.cli.image import models as _models
@@ -120,7 +121,7 @@ def check_objective(trace: Callable[[], Any], method: str) -> None:
 
 def check_run_kind(run_dir: str, model_key: str, command: str) -> None:
   """A ConfigError if ``run_dir`` holds a run that trained another model."""
-  meta_path = os.path.join(run_dir, _models.RUN_META)
+  meta_path = os.path.join(run_dir, runs.RUN_META)
   if not os.path.exists(meta_path):
     return
   with open(meta_path) as f:
@@ -140,7 +141,7 @@ def open_checkpointer(run_dir: str, config: Mapping[str, Any], *,
   from kdjax import checkpoint as kckpt  # pylint: disable=g-import-not-at-top
   ck = config["checkpoint"]
   return kckpt.DistillCheckpointer(
-      os.path.join(run_dir, _models.CHECKPOINTS),
+      os.path.join(run_dir, runs.CHECKPOINTS),
       save_every=ck["save_every"] or None, keep_last=ck["keep"],
       async_save=ck["async"], config=cfg.to_json(config), teacher=teacher,
       teacher_fingerprint=teacher_fingerprint)

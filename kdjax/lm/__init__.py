@@ -49,7 +49,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._objectives": ("LM_OBJECTIVES", "LMObjectiveSpec", "build_lm_loss",
         "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
-    "._tokenizer": ("SpecialTokenError", "Tokenizer", "TokenizerError",
+    "._tokenizer": ("TOKENIZER_FILE", "SpecialTokenError", "Tokenizer", "TokenizerError",
         "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
         "load_tokenizer", "tokenizer_from_json", "train_bpe"),
     "._tunix": ("FAMILIES", "TUNIX_FAMILIES", "init_tunix_cache",
@@ -90,7 +90,7 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       get_lm_objective, lm_objectives_table)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
   from kdjax.lm._tokenizer import (
-      SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
+      TOKENIZER_FILE, SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
       byte_tokenizer, check_same_tokenizer, load_tokenizer,
       tokenizer_from_json, train_bpe)
   from kdjax.lm._tunix import (

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from kdjax.cli import runs
 from kdjax.cli.image import data as _data
 from kdjax.cli.image import models as _models
 from kdjax.cli.image import report as _report
@@ -100,11 +101,11 @@ def test_unprepared_tfds_dataset_is_one_line(tmp_path):
 
 def test_damaged_run_json_is_1_and_names_the_file(tmp_path, capsys):
   run = make_run(tmp_path / "run")
-  with open(os.path.join(run, _models.RUN_META), "w") as f:
+  with open(os.path.join(run, runs.RUN_META), "w") as f:
     f.write('{"command": "train-')
   status, line = run_main(capsys, "eval", run)
   assert status == errors.EXIT_FAILURE, line
-  assert os.path.join(run, _models.RUN_META) in line, line
+  assert os.path.join(run, runs.RUN_META) in line, line
   assert "not valid JSON" in line, line
 
 
@@ -113,7 +114,7 @@ def test_damaged_lm_run_json_is_a_run_error(tmp_path):
   from kdjax.cli.lm import models as _lm_models  # pylint: disable=g-import-not-at-top
   run = tmp_path / "lm_run"
   run.mkdir()
-  (run / _lm_models.RUN_META).write_text('{"kind": "lm", "comm')
+  (run / runs.RUN_META).write_text('{"kind": "lm", "comm')
   with pytest.raises(errors.RunError, match="not valid JSON"):
     _lm_models.read_lm_run(str(run))
   with pytest.raises(errors.MissingRunError, match="kdjax lm train-teacher"):

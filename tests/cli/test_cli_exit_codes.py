@@ -163,4 +163,3 @@ def test_failure_types_carry_their_status():
               DataError("x")):
     assert errors.exit_code_of(exc) == errors.EXIT_FAILURE
     assert kmain.exit_status(exc) == 1
-  assert kmain._RUN_META == _models.RUN_META

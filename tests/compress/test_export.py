@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from kdjax.cli import runs
 from kdjax import compress
 from kdjax import models
 
@@ -134,7 +135,7 @@ def _make_run(root, *, with_checkpoint: bool):
   if with_checkpoint:
     opt = optax.sgd(0.1)
     state = train.create_state(variables, opt, rng=jax.random.PRNGKey(0))
-    ckpt = kckpt.DistillCheckpointer(os.path.join(run_dir, _models.CHECKPOINTS),
+    ckpt = kckpt.DistillCheckpointer(os.path.join(run_dir, runs.CHECKPOINTS),
                                      save_every=1, async_save=False)
     ckpt.save(state, step=1, force=True)
     ckpt.close()

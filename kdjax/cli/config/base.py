@@ -213,6 +213,22 @@ def merge(path: str, schema: Mapping[str, Any], base: dict,
 
 
 
+def load_saved(path: str, schema: Mapping[str, Any]) -> dict:
+  """The config a run wrote into its directory: its YAML over ``schema``'s
+  defaults (keys added since the run get their defaults).
+
+  Not validated, and its data not resolved, again: the run validated it once
+  when it started (the file holds the resolved values). Reading a run with
+  ``--set`` overrides goes through the command's ``load_config`` instead.
+  """
+  config = defaults(schema)
+  try:
+    merge("", schema, config, read_yaml(path))
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  return config
+
+
 # -----------------------------------------------------------------------------
 # Overrides.
 # -----------------------------------------------------------------------------

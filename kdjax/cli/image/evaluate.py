@@ -7,7 +7,7 @@ run the student was distilled from) over the evaluation split:
 * top-1 agreement of student and teacher, and the mean
   ``KL(p_teacher || p_student)`` at T = 1;
 * expected calibration error (``eval.ece_bins`` equal-width bins, Guo et al.
-  2017; :mod:`kdjax.cli.calibration`) and the reliability diagram's bins;
+  2017; :mod:`kdjax.metrics`) and the reliability diagram's bins;
 * trainable parameter counts;
 * inference latency: the jitted forward pass at each of
   ``eval.latency_batch_sizes``, compiled and warmed up first, then the median
@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.cli import runs
 from kdjax.cli.image import data as _data
 from kdjax.cli.image import models as _models
-from kdjax.cli import calibration
+from kdjax import metrics
 from kdjax.cli import errors
 
 EVAL_FILE = "eval.json"
@@ -42,7 +43,7 @@ def _model_sums(logits, labels, mask, num_bins: int) -> dict:
   nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
   return {"correct": jnp.sum(mask * (jnp.argmax(logits, -1) == labels)),
           "nll": jnp.sum(mask * nll),
-          "bins": calibration.calibration_sums(logits, labels,
+          "bins": metrics.calibration_sums(logits, labels,
                                                num_bins=num_bins, mask=mask)}
 
 
@@ -96,8 +97,8 @@ def _finish(sums: Mapping[str, Any], count: float) -> dict:
   bins = {k: np.asarray(v) for k, v in sums["bins"].items()}
   return {"accuracy": float(sums["correct"]) / count,
           "nll": float(sums["nll"]) / count,
-          "ece": calibration.ece_from_sums(bins),
-          "reliability": calibration.reliability_from_sums(bins)}
+          "ece": metrics.ece_from_sums(bins),
+          "reliability": metrics.reliability_from_sums(bins)}
 
 
 def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
@@ -170,7 +171,7 @@ def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
 def default_teacher_dir(run: _models.Run) -> Optional[str]:
   """The teacher run ``run`` was distilled from, if still a run directory."""
   path = run.meta.get("teacher_run")
-  return path if path and _models.is_run_dir(path) else None
+  return path if path and runs.is_run_dir(path) else None
 
 
 def evaluate_run_dir(run_dir: str, *,
@@ -199,7 +200,7 @@ def evaluate_run_dir(run_dir: str, *,
   from kdjax.cli.config import image as cfg  # pylint: disable=g-import-not-at-top
   run = _models.read_run(run_dir)
   if overrides:
-    run.config = cfg.load_config([os.path.join(run.path, _models.CONFIG_FILE)],
+    run.config = cfg.load_config([os.path.join(run.path, runs.CONFIG_FILE)],
                                  list(overrides))
   teacher = None
   if not no_teacher:

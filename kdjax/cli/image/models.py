@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -25,12 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.cli import errors
+from kdjax.cli import runs
 from kdjax.cli.image.arch import import_arch
 from kdjax.cli.config.base import ConfigError
 
-RUN_META = "run.json"
-CONFIG_FILE = "config.yaml"
-CHECKPOINTS = "checkpoints"
 
 
 def _parameters(fn) -> dict:
@@ -246,14 +243,13 @@ class Run:
 
   @property
   def checkpoint_dir(self) -> str:
-    return os.path.join(self.path, CHECKPOINTS)
+    return os.path.join(self.path, runs.CHECKPOINTS)
 
   def module(self):
     return build_module(self.model_config, self.num_classes)
 
   def latest_step(self) -> Optional[int]:
-    steps = _steps(self.checkpoint_dir)
-    return steps[-1] if steps else None
+    return runs.latest_step(self.path)
 
   def restore_variables(self, shardings: Any = None) -> dict:
     """The trained model's variables (latest checkpoint), read-only.
@@ -272,56 +268,18 @@ class Run:
                                       shardings=shardings)
 
 
-def _steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
-def is_run_dir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, RUN_META))
-
-
-def read_run_meta(path: str, *, written_by: str = "runs are written by "
-                  "`kdjax train-teacher` and `kdjax distill`") -> dict:
-  """``path``'s run.json, read and parsed (image and LM runs alike).
-
-  Raises:
-    kdjax.cli.errors.MissingRunError: ``path`` is not a kdjax run directory
-      (a ``FileNotFoundError``; exit status 2); the message ends with
-      ``written_by``.
-    kdjax.cli.errors.RunError: its run.json is not valid JSON (exit status 1).
-  """
-  meta_path = os.path.join(path, RUN_META)
-  if not os.path.exists(meta_path):
-    raise errors.MissingRunError(
-        f"{path} is not a kdjax run directory (no {RUN_META}); {written_by}.")
-  with open(meta_path) as f:
-    text = f.read()
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise errors.RunError(f"{meta_path} is not valid JSON ({e}); the run "
-                          "directory is damaged.") from None
-
-
 def read_run(path: str) -> Run:
-  """Reads ``path``'s config.yaml and run.json (errors: :func:`read_run_meta`)."""
+  """Reads ``path``'s config.yaml and run.json (errors:
+  :func:`kdjax.cli.runs.read_meta`)."""
+  from kdjax.cli.config import base as _config_base  # pylint: disable=g-import-not-at-top
   from kdjax.cli.config import image as cfg  # pylint: disable=g-import-not-at-top
-  meta = read_run_meta(path)
-  # The saved config is complete and valid; load_config re-checks it.
-  config = cfg.load_config([os.path.join(path, CONFIG_FILE)])
+  meta = runs.read_meta(path)
+  config = _config_base.load_saved(os.path.join(path, runs.CONFIG_FILE),
+                                   cfg.SCHEMA)
   return Run(path=path, config=config, meta=meta)
 
 
 def write_run(path: str, config: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
   """Writes config.yaml and run.json (atomically)."""
   from kdjax.cli.config import image as cfg  # pylint: disable=g-import-not-at-top
-  os.makedirs(path, exist_ok=True)
-  for name, text in ((CONFIG_FILE, cfg.dump(config)),
-                     (RUN_META, json.dumps(dict(meta), indent=1))):
-    tmp = os.path.join(path, name + ".tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(path, name))
+  runs.write(path, cfg.dump(config), meta)

@@ -30,6 +30,7 @@ import json
 import os
 from typing import Callable, Optional, Sequence
 
+from kdjax.cli import runs
 from kdjax.cli.image import evaluate as _eval
 from kdjax.cli import metrics_log as _logging
 from kdjax.cli.image import models as _models
@@ -116,9 +117,9 @@ def evaluate_missing(run_dirs: Sequence[str],
       continue
     how = (f"evaluate it with `kdjax eval {path}` (`--teacher TEACHER_RUN` to "
            "compare it with a teacher) and run the report again")
-    if not _models.is_run_dir(path):
+    if not runs.is_run_dir(path):
       out(f"[report] {path} has no {_eval.EVAL_FILE} and is not a run "
-          f"directory (no {_models.RUN_META}): its eval is left out of the "
+          f"directory (no {runs.RUN_META}): its eval is left out of the "
           "report.")
       continue
     try:

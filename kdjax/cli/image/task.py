@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.cli import runs
 from kdjax.cli.image import data as _data
 from kdjax.cli.image import models as _models
 from kdjax.cli import trainer as _trainer
@@ -87,7 +88,7 @@ def load_online_teacher(config: Mapping[str, Any], feature_names: Sequence[str],
   checkpoint of the configured ``teacher`` model)."""
   path = cfg.teacher_run_dir(config)
   num_classes = config["data"]["num_classes"]
-  if _models.is_run_dir(path):
+  if runs.is_run_dir(path):
     run = _models.read_run(path)
     if run.num_classes != num_classes:
       raise ConfigError(

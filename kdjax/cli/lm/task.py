@@ -33,6 +33,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from kdjax.cli import runs
+from kdjax import lm
+
 from kdjax.cli.config import lm as _lm_config
 from kdjax.cli.lm import data as _lm_data
 from kdjax.cli.lm import models as _lm_models
@@ -55,10 +58,10 @@ class LMData:
   """The corpus split by file, the tokenizer, the train / held-out
   sequences and the resumable training batches."""
   corpus: dict
-  tokenizer: _lm_data.Tokenizer
+  tokenizer: "lm.Tokenizer"
   train: tuple
   held_out: tuple
-  batches: Optional[_lm_data.LMBatches]
+  batches: Optional["lm.LMBatches"]
 
 
 def lm_data(config: Mapping[str, Any], tokenizer=None, *, train: bool = True,
@@ -68,18 +71,19 @@ def lm_data(config: Mapping[str, Any], tokenizer=None, *, train: bool = True,
   corpus = _lm_data.read_corpus(d)
   if tokenizer is None:
     tokenizer = _lm_data.build_tokenizer(config, corpus, out)
-  held_out = _lm_data.sequences(corpus["eval"], tokenizer, d["seq_len"],
-                                d["prompt_len"], d["max_eval_sequences"])
+  held_out = lm.token_windows(corpus["eval"], tokenizer, d["seq_len"],
+                              d["prompt_len"], d["max_eval_sequences"])
   if not held_out[0]:
     raise errors.MissingDataError(
         f"the held-out files ({len(corpus['eval'])}) hold no sequence of "
         f"{d['seq_len'] + 1} tokens; add files or lower data.seq_len.")
   train_seqs, batches = ((), None)
   if train:
-    train_seqs = _lm_data.sequences(corpus["train"], tokenizer, d["seq_len"],
-                                    d["prompt_len"], d["max_train_sequences"])
-    batches = _lm_data.LMBatches(*train_seqs, d["batch_size"], d["seq_len"],
-                                 tokenizer.pad_id, config["seed"])
+    train_seqs = lm.token_windows(corpus["train"], tokenizer, d["seq_len"],
+                                  d["prompt_len"], d["max_train_sequences"])
+    batches = _lm_data.train_batches(*train_seqs, d["batch_size"],
+                                     d["seq_len"], tokenizer.pad_id,
+                                     config["seed"])
   return LMData(corpus=corpus, tokenizer=tokenizer, train=train_seqs,
                 held_out=held_out, batches=batches)
 
@@ -92,9 +96,13 @@ class LMTeacher:
   variables: Any
 
 
-def check_same_tokenizer(teacher_tok, student_tok, teacher_path: str) -> None:
-  """A ConfigError (pointing to ULD) when the tokenizers differ."""
-  if teacher_tok.fingerprint != student_tok.fingerprint:
+def check_teacher_tokenizer(teacher_tok, student_tok, teacher_path: str
+                            ) -> None:
+  """:func:`kdjax.lm.check_same_tokenizer`, as a ConfigError naming the
+  config keys (and pointing to ULD)."""
+  try:
+    lm.check_same_tokenizer(teacher_tok, student_tok)
+  except lm.TokenizerMismatchError:
     raise ConfigError(
         f"the teacher at {teacher_path} uses another tokenizer "
         f"({teacher_tok.kind}, {teacher_tok.vocab_size} ids) than this run "
@@ -102,7 +110,7 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_path: str) -> None:
         "distillation needs one vocabulary. Use the teacher's tokenizer "
         f"(tokenizer.kind: file, tokenizer.path: {teacher_path}), or distil "
         "across tokenizers with Universal Logit Distillation "
-        "(kdjax.lm.make_uld_loss, Python API).")
+        "(kdjax.lm.make_uld_loss, Python API).") from None
 
 
 def check_teacher_exists(config: Mapping[str, Any]) -> None:
@@ -116,7 +124,7 @@ def check_teacher_exists(config: Mapping[str, Any]) -> None:
           "(no config.json).")
     return
   path = _lm_config.teacher_run_dir(config)
-  if not os.path.exists(os.path.join(path, _lm_models.RUN_META)):
+  if not os.path.exists(os.path.join(path, runs.RUN_META)):
     raise errors.MissingRunError(
         f"no teacher run at {path}: train one with `kdjax lm train-teacher "
         "--config ...` (same config), or set teacher.run_dir.")
@@ -130,9 +138,8 @@ def load_teacher(config: Mapping[str, Any], tokenizer) -> LMTeacher:
     model = _lm_models.model_of(config, "teacher", tokenizer.vocab_size)
     ck = _lm_models.load_hf(hf)
     if ck.tokenizer is not None:
-      check_same_tokenizer(_lm_data.hf_tokenizer(
-          ck.tokenizer.to_str(), hf, config["tokenizer"], "file"), tokenizer,
-                           hf)
+      check_teacher_tokenizer(_lm_data.tokenizer_of_file(
+          hf, config["tokenizer"]), tokenizer, hf)
     return LMTeacher(path=os.path.abspath(hf), model=model,
                      variables=model.variables)
   check_teacher_exists(config)
@@ -140,58 +147,49 @@ def load_teacher(config: Mapping[str, Any], tokenizer) -> LMTeacher:
   run = _lm_models.read_lm_run(path)
   teacher_tok = _lm_data.tokenizer_of_run(path, run.meta,
                                           run.config["tokenizer"])
-  check_same_tokenizer(teacher_tok, tokenizer, path)
+  check_teacher_tokenizer(teacher_tok, tokenizer, path)
   model = run.model(tokenizer.vocab_size)
   return LMTeacher(path=os.path.abspath(path), model=model,
                    variables=run.restore(model))
 
 
+def _sampling_fields(tokenizer) -> dict:
+  """The tokenizer's fields of :class:`kdjax.lm.SamplingConfig` (PAD and a
+  BOS other than EOS are never sampled)."""
+  return dict(vocab_size=tokenizer.vocab_size,
+              suppress_ids=tuple(sorted({tokenizer.pad_id, tokenizer.bos_id}
+                                        - {tokenizer.eos_id})),
+              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+
 def sampling_config(tokenizer, *, temperature: float, top_k=None, top_p=None):
-  from kdjax.lm import SamplingConfig  # pylint: disable=g-import-not-at-top
-  return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                        vocab_size=tokenizer.vocab_size,
-                        suppress_ids=tuple(sorted({tokenizer.pad_id,
-                                                   tokenizer.bos_id}
-                                                  - {tokenizer.eos_id})),
-                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  return lm.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                           **_sampling_fields(tokenizer))
 
 
-def loss_terms(config: Mapping[str, Any], vocab_size: int, objective: str):
-  """The composed loss of ``objective`` (kdjax.lm's terms)."""
-  from kdjax import lm  # pylint: disable=g-import-not-at-top
-  from kdjax import losses  # pylint: disable=g-import-not-at-top
+def objective_spec(config: Mapping[str, Any], objective: str
+                   ) -> "lm.LMObjectiveSpec":
+  """``objective`` from :data:`kdjax.lm.LM_OBJECTIVES` with the config's
+  ``distill`` values of its hyper-parameters."""
   d = config["distill"]
-  lean = objective == "lean_kd"
-  ce_fn = (lm.lean_token_ce_term if lean else lm.token_ce_term)(
-      vocab_size=vocab_size)
-  if objective in ("ce", "seq_kd"):
-    return losses.compose([losses.Term("ce", ce_fn, needs_teacher=False)])
-  kd_fn = (lm.lean_token_kd_term if lean else lm.token_kd_term)(
-      d["divergence"], beta=d["beta"], alpha=d["alpha"],
-      vocab_size=vocab_size)
-  terms = [losses.Term("kd", kd_fn, weight=d["kd_weight"])]
-  if d["ce_weight"]:
-    terms.append(losses.Term("ce", ce_fn, weight=d["ce_weight"],
-                             needs_teacher=False))
-  return losses.compose(terms, temperature=d["temperature"])
-
+  return lm.get_lm_objective(
+      objective, **{k: d[k] for k in lm.LM_OBJECTIVES[objective].hparams})
 
 
 def build_objective(config: Mapping[str, Any], objective: str,
-                    student: _lm_models.LMModel,
+                    student: "lm.LMModel",
                     teacher: Optional[LMTeacher], data: LMData, total: int,
                     lr: Optional[float]) -> Objective:
   """The objective phase: loss, optimizer, state and jitted step."""
-  from kdjax import lm  # pylint: disable=g-import-not-at-top
   from kdjax import train as ktrain  # pylint: disable=g-import-not-at-top
   tok = data.tokenizer
   vocab = tok.vocab_size
-  loss_fn = loss_terms(config, vocab, objective)
-  lean = objective == "lean_kd"
-  s_apply = student.lean_apply if lean else student.apply
+  spec = objective_spec(config, objective)
+  loss_fn = lm.build_lm_loss(spec, vocab)
+  s_apply = student.lean_apply if spec.lean else student.apply
   t_apply = None
-  if teacher is not None and objective != "ce":
-    t_apply = teacher.model.lean_apply if lean else teacher.model.apply
+  if teacher is not None and spec.needs_teacher:
+    t_apply = teacher.model.lean_apply if spec.lean else teacher.model.apply
   example = data.batches.batch_at(0)
   t_vars = teacher.variables if teacher is not None else None
 
@@ -209,24 +207,16 @@ def build_objective(config: Mapping[str, Any], objective: str,
   key = jax.random.PRNGKey(config["seed"])
   state = ktrain.create_state(student.variables, optimizer,
                               rng=jax.random.fold_in(key, 1), policy=policy)
-  step_kwargs = dict(accumulation_steps=tc["accumulation_steps"],
-                     policy=policy, checks=tc["checks"])
-  d = config["distill"]
-  if objective == "gkd":
-    sampling = sampling_config(tok, temperature=d["sample_temperature"])
-    step = lm.make_gkd_train_step(
-        s_apply, t_apply, loss_fn, optimizer, lmbda=d["lmbda"],
-        sampling=sampling, rollout_fn=student.rollout(sampling), jit=False,
-        donate=False, **step_kwargs)
-  elif objective == "seq_kd":
-    sampling = sampling_config(tok, temperature=0.0)
-    step = lm.make_sequence_kd_step(
-        s_apply, t_apply, loss_fn, optimizer, sampling=sampling,
-        rollout_fn=teacher.model.rollout(sampling), jit=False, donate=False,
-        **step_kwargs)
-  else:
-    step = lm.build_lm_step_fn(s_apply, t_apply, loss_fn, optimizer,
-                               **step_kwargs)
+  step = lm.build_lm_objective_step(
+      spec, student.apply, None if teacher is None else teacher.model.apply,
+      optimizer, loss_fn=loss_fn, vocab_size=vocab,
+      student_lean_apply=student.lean_apply,
+      teacher_lean_apply=None if teacher is None else teacher.model.lean_apply,
+      student_rollout=student.rollout,
+      teacher_rollout=None if teacher is None else teacher.model.rollout,
+      sampling_fields=_sampling_fields(tok),
+      accumulation_steps=tc["accumulation_steps"], policy=policy,
+      checks=tc["checks"])
   return Objective(loss_fn=loss_fn, state=state,
                    train_step=_trainer.finalize(step, checks=tc["checks"]),
                    schedule=schedule, policy=policy)
@@ -240,10 +230,9 @@ class LMEvaluator:
 
   def __init__(self, config: Mapping[str, Any], student: _lm_models.LMModel,
                teacher: Optional[LMTeacher], data: LMData):
-    from kdjax import lm  # pylint: disable=g-import-not-at-top
     d = config["data"]
     tok = data.tokenizer
-    self.batches = _lm_data.eval_batches(*data.held_out, d["eval_batch_size"],
+    self.batches = lm.padded_eval_batches(*data.held_out, d["eval_batch_size"],
                                          d["seq_len"], tok.pad_id)
     self.num_sequences = len(data.held_out[0])
     self._teacher_vars = None if teacher is None else teacher.variables
@@ -452,7 +441,7 @@ def _run_and_model(run_dir: str, overrides: Sequence[str]):
   run = _lm_models.read_lm_run(run_dir)
   if overrides:
     run.config = _lm_config.load_config(
-        [os.path.join(run_dir, _lm_models.CONFIG_FILE)], overrides)
+        [os.path.join(run_dir, runs.CONFIG_FILE)], overrides)
   tokenizer = _lm_data.tokenizer_of_run(run_dir, run.meta,
                                         run.config["tokenizer"])
   model = run.model(tokenizer.vocab_size)
@@ -474,7 +463,7 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
       t_run = _lm_models.read_lm_run(teacher_dir)
       t_tok = _lm_data.tokenizer_of_run(teacher_dir, t_run.meta,
                                         t_run.config["tokenizer"])
-      check_same_tokenizer(t_tok, tokenizer, teacher_dir)
+      check_teacher_tokenizer(t_tok, tokenizer, teacher_dir)
       t_model = t_run.model(tokenizer.vocab_size)
       teacher = LMTeacher(path=os.path.abspath(teacher_dir), model=t_model,
                           variables=t_run.restore(t_model))
@@ -556,7 +545,7 @@ def generate_run(run_dir: str, prompts: Sequence[str] = (), *,
     data = lm_data(run.config, tokenizer, train=False, out=out)
     prompt_ids = [list(p) for p in data.held_out[0][:g["num_prompts"]]]
     texts = [tokenizer.decode(p) for p in prompt_ids]
-  buf, prompt_len = _lm_data.make_prompt_batch(prompt_ids, g["max_new_tokens"],
+  buf, prompt_len = lm.prompt_batch(prompt_ids, g["max_new_tokens"],
                                                tokenizer.pad_id)
   if model.max_len is not None and buf.shape[1] - 1 > model.max_len:
     raise ConfigError(

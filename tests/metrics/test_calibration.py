@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.cli import calibration
+from kdjax import metrics
 
 
 def numpy_ece(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
@@ -39,7 +39,7 @@ def test_hand_computed_case():
   expected = (0.25 * abs(1 - 0.9) + 0.25 * abs(0 - 0.75)
               + 0.5 * abs(0.5 - (0.62 + 0.64) / 2))
   assert expected == pytest.approx(0.2775)
-  got = calibration.expected_calibration_error(_logits_from_probs(probs),
+  got = metrics.expected_calibration_error(_logits_from_probs(probs),
                                                jnp.asarray(labels))
   assert got == pytest.approx(expected, abs=1e-6)
 
@@ -52,12 +52,12 @@ def test_matches_numpy_reference_and_jit(num_bins):
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   expected = numpy_ece(probs.astype(np.float64), labels, num_bins)
-  sums = calibration.calibration_sums(jnp.asarray(logits), jnp.asarray(labels),
+  sums = metrics.calibration_sums(jnp.asarray(logits), jnp.asarray(labels),
                                       num_bins=num_bins)
-  jitted = jax.jit(lambda l, y: calibration.calibration_sums(
+  jitted = jax.jit(lambda l, y: metrics.calibration_sums(
       l, y, num_bins=num_bins))(jnp.asarray(logits), jnp.asarray(labels))
   chex.assert_trees_all_close(sums, jitted, rtol=1e-6, atol=1e-5)
-  assert calibration.ece_from_sums(jax.device_get(sums)) == pytest.approx(
+  assert metrics.ece_from_sums(jax.device_get(sums)) == pytest.approx(
       expected, abs=1e-5)
   assert float(jnp.sum(sums["count"])) == 300
 
@@ -66,15 +66,15 @@ def test_batches_add_up_and_mask_excludes_padding():
   rng = np.random.default_rng(1)
   logits = rng.normal(0, 2, (50, 4)).astype(np.float32)
   labels = rng.integers(0, 4, 50)
-  whole = calibration.calibration_sums(jnp.asarray(logits), jnp.asarray(labels))
+  whole = metrics.calibration_sums(jnp.asarray(logits), jnp.asarray(labels))
   # Two batches, the second padded with 14 junk rows masked out.
   pad_logits = np.concatenate([logits[30:], rng.normal(0, 9, (14, 4))]).astype(
       np.float32)
   pad_labels = np.concatenate([labels[30:], np.zeros(14, int)])
   mask = np.concatenate([np.ones(20), np.zeros(14)])
-  a = calibration.calibration_sums(jnp.asarray(logits[:30]),
+  a = metrics.calibration_sums(jnp.asarray(logits[:30]),
                                    jnp.asarray(labels[:30]))
-  b = calibration.calibration_sums(jnp.asarray(pad_logits),
+  b = metrics.calibration_sums(jnp.asarray(pad_logits),
                                    jnp.asarray(pad_labels),
                                    mask=jnp.asarray(mask))
   total = jax.tree.map(lambda x, y: x + y, a, b)
@@ -85,25 +85,25 @@ def test_reliability_bins_and_extremes():
   # Every example correct at confidence 1: perfectly calibrated, ECE 0.
   logits = np.array([[30.0, 0.0], [0.0, 30.0]], np.float32)
   labels = jnp.array([0, 1])
-  sums = jax.device_get(calibration.calibration_sums(logits, labels))
-  assert calibration.ece_from_sums(sums) == pytest.approx(0.0, abs=1e-6)
-  rel = calibration.reliability_from_sums(sums)
+  sums = jax.device_get(metrics.calibration_sums(logits, labels))
+  assert metrics.ece_from_sums(sums) == pytest.approx(0.0, abs=1e-6)
+  rel = metrics.reliability_from_sums(sums)
   assert rel["count"][-1] == 2 and sum(rel["count"]) == 2
   assert rel["accuracy"][0] is None and rel["accuracy"][-1] == 1.0
   assert rel["bin_lower"][0] == 0.0 and rel["bin_upper"][-1] == 1.0
   # Uniform predictions over 4 classes: confidence 0.25, accuracy 0 or 1.
-  sums = jax.device_get(calibration.calibration_sums(
+  sums = jax.device_get(metrics.calibration_sums(
       np.zeros((4, 4), np.float32), jnp.array([0, 1, 2, 3])))
   # argmax is class 0: one right of four -> acc 0.25 = conf 0.25.
-  assert calibration.ece_from_sums(sums) == pytest.approx(0.0, abs=1e-6)
+  assert metrics.ece_from_sums(sums) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_errors():
   with pytest.raises(ValueError, match="labels"):
-    calibration.calibration_sums(jnp.zeros((3, 4)), jnp.zeros((4,), jnp.int32))
+    metrics.calibration_sums(jnp.zeros((3, 4)), jnp.zeros((4,), jnp.int32))
   with pytest.raises(ValueError, match="num_bins"):
-    calibration.calibration_sums(jnp.zeros((3, 4)), jnp.zeros((3,), jnp.int32),
+    metrics.calibration_sums(jnp.zeros((3, 4)), jnp.zeros((3,), jnp.int32),
                                  num_bins=0)
   with pytest.raises(ValueError, match="no examples"):
-    calibration.ece_from_sums({"count": np.zeros(3), "correct": np.zeros(3),
+    metrics.ece_from_sums({"count": np.zeros(3), "correct": np.zeros(3),
                                "confidence": np.zeros(3)})
