@@ -217,12 +217,17 @@ def _add_lm_parser(sub) -> None:
 # -----------------------------------------------------------------------------
 
 
-def cmd_config(args) -> int:
+def _show_config(config_module, args) -> int:
+  """``kdjax [lm] config``: the schema, or the resolved config of the files."""
   if args.schema:
-    print(cfg.describe_schema())
-    return 0
-  print(cfg.dump(cfg.load_config(args.config, args.set)), end="")
+    print(config_module.describe_schema())
+  else:
+    print(cfg.dump(config_module.load_config(args.config, args.set)), end="")
   return 0
+
+
+def cmd_config(args) -> int:
+  return _show_config(cfg, args)
 
 
 def cmd_train_teacher(args) -> int:
@@ -375,11 +380,7 @@ def cmd_export(args) -> int:
 
 def cmd_lm_config(args) -> int:
   from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
-  if args.schema:
-    print(_lm_config.describe_schema())
-    return 0
-  print(cfg.dump(_lm_config.load_config(args.config, args.set)), end="")
-  return 0
+  return _show_config(_lm_config, args)
 
 
 def cmd_lm_train_teacher(args) -> int:

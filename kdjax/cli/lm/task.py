@@ -354,7 +354,7 @@ def distill(config: dict, out: Callable[[str], None] = print) -> int:
   check_hf_out(config, _lm_config.distill_run_dir(config))
   return train(config, command="lm distill", side="student",
                run_dir=_lm_config.distill_run_dir(config), objective=objective,
-               teacher_needed=objective != "ce",
+               teacher_needed=lm.LM_OBJECTIVES[objective].needs_teacher,
                steps=config["train"]["steps"], lr=None, out=out)
 
 

@@ -40,8 +40,8 @@ from safetensors.numpy import save_file
 from kdjax.cli import errors
 from kdjax.cli.main import main
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 LM_TINY = os.path.join(REPO_ROOT, "experiments", "configs", "lm_tiny.yaml")
 
 # The teacher: Qwen3 of 4 layers, width 32, 4 query / 2 key-value heads of 8.

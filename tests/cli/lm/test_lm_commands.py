@@ -27,8 +27,8 @@ from kdjax.cli.lm import models as _lm_models
 from kdjax.cli import errors
 from kdjax.cli.main import main
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 LM_TINY = os.path.join(REPO_ROOT, "experiments", "configs", "lm_tiny.yaml")
 WALL_CLOCK = ("time", "samples_per_s")
 

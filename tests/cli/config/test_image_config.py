@@ -12,8 +12,8 @@ import yaml
 from kdjax.cli.config import image as cfg
 from kdjax.cli.main import main
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 EXAMPLES = os.path.join(REPO_ROOT, "experiments", "configs")
 
 

@@ -1,4 +1,4 @@
-"""``kdjax lm`` review fixes: a bfloat16 Hugging Face teacher (float32 student
+"""``kdjax lm`` with Hugging Face teachers and their edge cases: a bfloat16 teacher (float32 student
 master weights, export in the teacher's dtype), ``distill.hf_out`` that would
 overwrite the teacher or a foreign directory, a truncated ``model.safetensors``
 (exit 2, named), a teacher whose tensors contradict its ``config.json`` (exit
@@ -6,7 +6,7 @@ overwrite the teacher or a foreign directory, a truncated ``model.safetensors``
 student.kwargs={}``, the lm commands' ``--set`` help, ``kdjax lm eval --hf``.
 
 The teacher directories are written as a user has them, with the helpers of
-test_cli_lm_hf_end_to_end.py (hub-style config.json, Hugging Face tensor names,
+test_hub_checkpoint.py (hub-style config.json, Hugging Face tensor names,
 a trained tokenizer.json).
 """
 
@@ -29,7 +29,7 @@ pytest.importorskip("tokenizers")
 import ml_dtypes
 from safetensors.numpy import load_file
 
-import test_cli_lm_hf_end_to_end as hf_e2e
+import test_hub_checkpoint as hf_e2e
 from kdjax.cli.config import lm as _lm_config
 from kdjax.cli.lm import data as _lm_data
 from kdjax.cli.lm import models as _lm_models

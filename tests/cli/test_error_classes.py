@@ -1,6 +1,6 @@
-"""Exit statuses of the remaining raise sites of the CLI's helpers.
+"""Exit statuses of the errors raised by the CLI's helpers.
 
-The errors of ``kdjax.cli.image.models``, ``_data``, ``_eval`` and ``_report`` are
+The errors of ``kdjax.cli.image.models``, ``data``, ``evaluate`` and ``report`` are
 the classes of :mod:`kdjax.cli.errors`: what the user fixes before the run
 (a teacher of another class count, a split the data lack, a missing data
 directory or TFDS preparation, a run without a checkpoint, a report's

@@ -33,8 +33,8 @@ from kdjax.cli.image import data as _data
 from kdjax.cli.image import models as _models
 from kdjax.cli.main import main
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 REAL_DATA = os.path.exists(
     "/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
 
@@ -279,7 +279,7 @@ def test_missing_teacher_and_unproducible_feature(flow, tmp_path):
 def _same_run(flow, name, reference):
   """``name`` ended with the params and logged losses of ``reference`` (a run
   stopped inside a log window logs no partial record: its checkpoint carries
-  the window's sums; see tests/cli/test_cli_metrics_resume.py)."""
+  the window's sums; see tests/cli/test_metrics_across_resume.py)."""
   ref = _models.read_run(str(flow["runs"] / reference))
   run = _models.read_run(str(flow["runs"] / name))
   jax.tree.map(np.testing.assert_array_equal,
