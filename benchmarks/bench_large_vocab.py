@@ -114,10 +114,18 @@ def _target_line(name: str, temp: dict, ms: dict, backend: str) -> str:
 # -----------------------------------------------------------------------------
 
 
-def _step_table(vocab: int, t_shape: dict, s_shape: dict, batch_size: int,
-                seq: int, chunk_size: Optional[int], steps: int,
-                repeats: int) -> None:
-  """One vocabulary's train-step table (all variants interleaved)."""
+STEP_VARIANTS = ("plain", "hand-written", "lean fused", "lean checkpointed")
+
+
+def step_table(vocab: int, t_shape: dict, s_shape: dict, batch_size: int,
+               seq: int, chunk_size: Optional[int], steps: int,
+               repeats: int, variants=STEP_VARIANTS) -> dict:
+  """One vocabulary's train-step table (the ``variants`` interleaved).
+
+  Prints the table and returns ``{"vocab", "chunk", "tokens_per_step",
+  "ms": {variant: median ms/step}, "temp": {variant: temp bytes},
+  "loss": {variant: loss at init}, "failed": {variant: reason}}``.
+  """
   backend = jax.default_backend()
   tokens_per_step = batch_size * seq
   optimizer = optax.adamw(1e-4, weight_decay=0.01)
@@ -147,12 +155,16 @@ def _step_table(vocab: int, t_shape: dict, s_shape: dict, batch_size: int,
 
   lean_term = lambda impl: lm.lean_token_kd_term(
       "kl", implementation=impl, chunk_size=chunk)
-  kd_variants = {
-      "plain": kd_step(lm.token_kd_term("kl"), False, train.Policy.bf16()),
-      "lean fused": kd_step(lean_term("fused"), True, train.Policy.bf16()),
-      "lean checkpointed": kd_step(lean_term("checkpointed"), True,
-                                   train.Policy.bf16()),
+  kd_builders = {
+      "plain": lambda: kd_step(lm.token_kd_term("kl"), False,
+                               train.Policy.bf16()),
+      "lean fused": lambda: kd_step(lean_term("fused"), True,
+                                    train.Policy.bf16()),
+      "lean checkpointed": lambda: kd_step(lean_term("checkpointed"), True,
+                                           train.Policy.bf16()),
   }
+  kd_variants = {name: build() for name, build in kd_builders.items()
+                 if name in variants}
   hand_jit = jax.jit(
       bench_lm_step.make_hand_written_step(
           lm.make_lm_apply(s_cfg).module, lm.make_lm_apply(t_cfg).module,
@@ -167,15 +179,17 @@ def _step_table(vocab: int, t_shape: dict, s_shape: dict, batch_size: int,
       temp[name] = compiled[name].memory_analysis().temp_size_in_bytes
     except Exception as e:  # pylint: disable=broad-except
       failed[name] = "compile: " + _first_line(e)
-  hand_params = jax.tree.map(jnp.copy, student0)
-  hand_opt = optimizer.init(hand_params)
-  try:
-    compiled["hand-written"] = hand_jit.lower(hand_params, hand_opt, teacher,
-                                              batch).compile()
-    temp["hand-written"] = (compiled["hand-written"].memory_analysis()
-                            .temp_size_in_bytes)
-  except Exception as e:  # pylint: disable=broad-except
-    failed["hand-written"] = "compile: " + _first_line(e)
+  hand_params = hand_opt = None
+  if "hand-written" in variants:
+    hand_params = jax.tree.map(jnp.copy, student0)
+    hand_opt = optimizer.init(hand_params)
+    try:
+      compiled["hand-written"] = hand_jit.lower(hand_params, hand_opt,
+                                                teacher, batch).compile()
+      temp["hand-written"] = (compiled["hand-written"].memory_analysis()
+                              .temp_size_in_bytes)
+    except Exception as e:  # pylint: disable=broad-except
+      failed["hand-written"] = "compile: " + _first_line(e)
 
   # First call of each from the same initial state: its loss (a check that
   # every variant computes the same thing) and the warm-up.
@@ -223,7 +237,7 @@ def _step_table(vocab: int, t_shape: dict, s_shape: dict, batch_size: int,
         + ("" if chunk_size else " [choose_chunk_size default]"))
   print(f"{'variant':<22}{'ms/step':>10}{'tokens/s':>11}{'temp MiB':>11}"
         f"{'mem':>8}{'time':>8}{'loss@init':>11}")
-  order = ("plain", "hand-written", "lean fused", "lean checkpointed")
+  order = [name for name in STEP_VARIANTS if name in variants]
   for name in order:
     t = temp.get(name)
     t_str = f"{t / MIB:>11.1f}" if t is not None else f"{'n/a':>11}"
@@ -238,8 +252,12 @@ def _step_table(vocab: int, t_shape: dict, s_shape: dict, batch_size: int,
               f"{'-':>11}  {failed.get(name, '')}")
     print(line)
   print("(mem = plain temp / variant temp; time = variant ms / plain ms)")
-  if vocab == TARGET_VOCAB:
+  if vocab == TARGET_VOCAB and "lean fused" in variants:
     print(_target_line("lean fused", temp, ms, backend))
+  return {"vocab": vocab, "chunk": chunk, "tokens_per_step": tokens_per_step,
+          "ms": ms, "temp": temp,
+          "loss": {name: float(v) for name, v in loss0.items()},
+          "failed": failed}
 
 
 def step_section(small: bool, steps: int, repeats: int,
@@ -262,8 +280,8 @@ def step_section(small: bool, steps: int, repeats: int,
         f"AdamW, forward KL; backend {backend} ==")
 
   for vocab in vocabs:
-    _step_table(vocab, t_shape, s_shape, batch_size, seq, chunk_size,
-                steps, repeats)
+    step_table(vocab, t_shape, s_shape, batch_size, seq, chunk_size, steps,
+               repeats)
 
 
 # -----------------------------------------------------------------------------

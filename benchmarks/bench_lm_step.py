@@ -32,11 +32,11 @@ number, not a GPU one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +119,156 @@ def make_hand_written_step(s_module, t_module, optimizer, temperature=1.0):
   return hand_step
 
 
+# The issue's GPU size and the CPU-sized ``--small`` one.
+GPU_TEACHER = dict(num_layers=24, num_heads=16, d_model=1024)
+GPU_STUDENT = dict(num_layers=12, num_heads=12, d_model=768)
+SMALL_TEACHER = dict(num_layers=4, num_heads=4, d_model=256)
+SMALL_STUDENT = dict(num_layers=2, num_heads=4, d_model=128)
+
+
+def lm_configs(t_shape: dict, s_shape: dict, vocab: int, seq: int) -> tuple:
+  """``(teacher, student)`` ``kdjax.lm.TransformerConfig`` s of the given shapes."""
+  return (lm.TransformerConfig(vocab_size=vocab, max_len=seq, **t_shape),
+          lm.TransformerConfig(vocab_size=vocab, max_len=seq, **s_shape))
+
+
+def make_lm_batch(vocab: int, batch_size: int, seq: int) -> dict:
+  """A random token batch: ``tokens``, next-token ``targets``, all-ones mask."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (batch_size, seq)).astype(np.int32)
+  return {"tokens": jnp.asarray(tokens),
+          "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+          "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
+
+
+def step_flops(t_cfg, s_cfg, batch_size: int, seq: int) -> float:
+  """Matmul FLOPs of one KD step: tokens x (3 x student fwd + teacher fwd)."""
+  return batch_size * seq * (3 * s_cfg.matmul_flops_per_token(seq)
+                             + t_cfg.matmul_flops_per_token(seq))
+
+
+def memory_bytes(compiled) -> Optional[dict]:
+  """A compiled function's ``memory_analysis()`` sizes in bytes (``None``: n/a)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return {"argument": int(stats.argument_size_in_bytes),
+          "output": int(stats.output_size_in_bytes),
+          "temp": int(stats.temp_size_in_bytes),
+          "alias": int(stats.alias_size_in_bytes)}
+
+
+def device_memory() -> Optional[dict]:
+  """``bytes_in_use`` / ``peak_bytes_in_use`` of device 0 (``None`` where n/a, e.g. CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return {"bytes_in_use": int(stats.get("bytes_in_use", -1)),
+          "peak_bytes_in_use": int(stats["peak_bytes_in_use"])}
+
+
+def compare_lm_steps(t_cfg, s_cfg, batch_size: int, seq: int, steps: int,
+                     repeats: int, *, parts: bool = True) -> dict:
+  """Times kdjax's token-KD step against the hand-written one (module docstring).
+
+  The kdjax step is compiled and warmed up first, alone, with device 0's
+  memory stats read before its first call and after its warm-up (so its peak
+  is not hidden by the other variants'). ``parts``: also the student's own
+  step and the teacher's forward pass.
+
+  Returns:
+    ``{"ms": {variant: median ms/step}, "memory": {variant: memory_bytes},
+    "device_memory": {"before_kdjax", "after_kdjax"}: device_memory(),
+    "tokens_per_step", "flops_per_step", "loss": {variant: first loss}}``.
+  """
+  batch = make_lm_batch(s_cfg.vocab_size, batch_size, seq)
+  s_apply, t_apply = lm.make_lm_apply(s_cfg), lm.make_lm_apply(t_cfg)
+  s_module, t_module = s_apply.module, t_apply.module
+  teacher = lm.init_lm(t_cfg, jax.random.key(1), seq_len=seq)
+  student0 = lm.init_lm(s_cfg, jax.random.key(0), seq_len=seq)
+  optimizer = optax.adamw(1e-4, weight_decay=0.01)
+  temperature = 1.0
+
+  # kdjax: compiled (memory_analysis; the jit call reuses the executable),
+  # then warmed up alone between two reads of the device's memory stats.
+  loss_fn = losses.compose([losses.Term("kd", lm.token_kd_term("kl"))],
+                           temperature=temperature)
+  kd_step = lm.make_lm_train_step(s_apply, t_apply, loss_fn, optimizer,
+                                  policy=train.Policy.bf16())
+  holder = {"kd": train.create_state(jax.tree.map(jnp.copy, student0),
+                                     optimizer, rng=jax.random.key(2))}
+  memory = {"kdjax": memory_bytes(
+      kd_step.lower(holder["kd"], teacher, batch).compile())}
+  loss0 = {}
+
+  def run_kdjax():
+    holder["kd"], m = kd_step(holder["kd"], teacher, batch)
+    return m["loss"]
+
+  dev_before = device_memory()
+  loss0["kdjax"] = float(run_kdjax())
+  jax.block_until_ready(run_kdjax())
+  dev_after = device_memory()
+
+  # Hand-written flax + optax.
+  hand_step = make_hand_written_step(s_module, t_module, optimizer,
+                                     temperature)
+  hand_jit = jax.jit(hand_step, donate_argnums=(0, 1))
+  hand_params = jax.tree.map(jnp.copy, student0)
+  holder["hand"] = (hand_params, optimizer.init(hand_params))
+  memory["hand-written"] = memory_bytes(
+      hand_jit.lower(*holder["hand"], teacher, batch).compile())
+
+  def run_hand():
+    p, o = holder["hand"]
+    p, o, loss = hand_jit(p, o, teacher, batch)
+    holder["hand"] = (p, o)
+    return loss
+
+  variants = {"kdjax": run_kdjax, "hand-written": run_hand}
+  if parts:
+    # Student's own train step (CE) and the teacher's forward pass.
+    def student_loss(params, batch):
+      logits = s_module.apply(cast(params, jnp.bfloat16), batch["tokens"])
+      return losses.hard_label_cross_entropy(logits.astype(jnp.float32),
+                                             batch["targets"],
+                                             mask=batch["loss_mask"])
+
+    def student_step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(student_loss)(params, batch)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    student_jit = jax.jit(student_step, donate_argnums=(0, 1))
+    st_params = jax.tree.map(jnp.copy, student0)
+    holder["student"] = (st_params, optimizer.init(st_params))
+    teacher_fwd = jax.jit(lambda p, b: t_module.apply(
+        cast(p, jnp.bfloat16), b["tokens"]))
+
+    def run_student():
+      p, o = holder["student"]
+      p, o, loss = student_jit(p, o, batch)
+      holder["student"] = (p, o)
+      return loss
+
+    variants["student step"] = run_student
+    variants["teacher forward"] = lambda: teacher_fwd(teacher, batch)
+  del student0
+  for name, fn in variants.items():  # compile + warm up (kdjax: done)
+    if name != "kdjax":
+      out = fn()
+      if name == "hand-written":
+        loss0[name] = float(out)
+      jax.block_until_ready(fn())
+  ms = interleaved_ms(variants, steps, repeats)
+  return {"ms": ms, "memory": memory,
+          "device_memory": {"before_kdjax": dev_before,
+                            "after_kdjax": dev_after},
+          "tokens_per_step": batch_size * seq,
+          "flops_per_step": step_flops(t_cfg, s_cfg, batch_size, seq),
+          "loss": loss0}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small", action="store_true",
@@ -135,22 +285,15 @@ def main():
                            "process.")
   args = parser.parse_args()
   if args.small:
-    t_cfg = lm.TransformerConfig(vocab_size=512, num_layers=4, num_heads=4,
-                                 d_model=256, max_len=128)
-    s_cfg = lm.TransformerConfig(vocab_size=512, num_layers=2, num_heads=4,
-                                 d_model=128, max_len=128)
+    t_cfg, s_cfg = lm_configs(SMALL_TEACHER, SMALL_STUDENT,
+                              args.vocab or 512, 128)
     batch_size, seq, matmul_n = 4, 128, 1024
     steps, repeats = args.steps or 3, args.repeats or 3
   else:
-    t_cfg = lm.TransformerConfig(vocab_size=32000, num_layers=24, num_heads=16,
-                                 d_model=1024, max_len=1024)
-    s_cfg = lm.TransformerConfig(vocab_size=32000, num_layers=12, num_heads=12,
-                                 d_model=768, max_len=1024)
+    t_cfg, s_cfg = lm_configs(GPU_TEACHER, GPU_STUDENT, args.vocab or 32000,
+                              1024)
     batch_size, seq, matmul_n = 16, 1024, 8192
     steps, repeats = args.steps or 10, args.repeats or 5
-  if args.vocab:
-    t_cfg = dataclasses.replace(t_cfg, vocab_size=args.vocab)
-    s_cfg = dataclasses.replace(s_cfg, vocab_size=args.vocab)
   backend = jax.default_backend()
   print(f"backend: {backend} ({jax.devices()[0].device_kind}); "
         f"teacher {t_cfg.num_layers}x{t_cfg.d_model}, student "
@@ -159,98 +302,18 @@ def main():
   if backend == "cpu":
     print("NOTE: CPU run. These are CPU timings, not GPU numbers.")
 
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, s_cfg.vocab_size, (batch_size, seq)).astype(np.int32)
-  batch = {"tokens": jnp.asarray(tokens),
-           "targets": jnp.asarray(np.roll(tokens, -1, 1)),
-           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
-  s_apply, t_apply = lm.make_lm_apply(s_cfg), lm.make_lm_apply(t_cfg)
-  s_module, t_module = s_apply.module, t_apply.module
-  teacher = lm.init_lm(t_cfg, jax.random.key(1), seq_len=seq)
-  student0 = lm.init_lm(s_cfg, jax.random.key(0), seq_len=seq)
-  optimizer = optax.adamw(1e-4, weight_decay=0.01)
-  temperature = 1.0
-
-  # kdjax.
-  loss_fn = losses.compose([losses.Term("kd", lm.token_kd_term("kl"))],
-                           temperature=temperature)
-  kd_step = lm.make_lm_train_step(s_apply, t_apply, loss_fn, optimizer,
-                                  policy=train.Policy.bf16())
-  kd_state = train.create_state(jax.tree.map(jnp.copy, student0), optimizer,
-                                rng=jax.random.key(2))
-
-  # Hand-written flax + optax.
-  hand_step = make_hand_written_step(s_module, t_module, optimizer,
-                                     temperature)
-  hand_jit = jax.jit(hand_step, donate_argnums=(0, 1))
-  hand_params = jax.tree.map(jnp.copy, student0)
-  hand_opt = optimizer.init(hand_params)
-
-  # Student's own train step (CE) and the teacher's forward pass.
-  def student_loss(params, batch):
-    logits = s_module.apply(cast(params, jnp.bfloat16), batch["tokens"])
-    return losses.hard_label_cross_entropy(logits.astype(jnp.float32),
-                                           batch["targets"],
-                                           mask=batch["loss_mask"])
-
-  def student_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(student_loss)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  student_jit = jax.jit(student_step, donate_argnums=(0, 1))
-  st_params = jax.tree.map(jnp.copy, student0)
-  st_opt = optimizer.init(st_params)
-  teacher_fwd = jax.jit(lambda p, b: t_module.apply(
-      cast(p, jnp.bfloat16), b["tokens"]))
-
-  temp_bytes = {
-      "kdjax": kd_step.lower(kd_state, teacher, batch).compile()
-               .memory_analysis().temp_size_in_bytes,
-      "hand-written": hand_jit.lower(hand_params, hand_opt, teacher, batch)
-                      .compile().memory_analysis().temp_size_in_bytes,
-  }
-
-  holder = {"kd": kd_state, "hand": (hand_params, hand_opt),
-            "student": (st_params, st_opt)}
-
-  def run_kdjax():
-    holder["kd"], m = kd_step(holder["kd"], teacher, batch)
-    return m["loss"]
-
-  def run_hand():
-    p, o = holder["hand"]
-    p, o, loss = hand_jit(p, o, teacher, batch)
-    holder["hand"] = (p, o)
-    return loss
-
-  def run_student():
-    p, o = holder["student"]
-    p, o, loss = student_jit(p, o, batch)
-    holder["student"] = (p, o)
-    return loss
-
-  def run_teacher():
-    return teacher_fwd(teacher, batch)
-
-  variants = {"kdjax": run_kdjax, "hand-written": run_hand,
-              "student step": run_student, "teacher forward": run_teacher}
-  for fn in variants.values():  # compile + warm up
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-  ms = interleaved_ms(variants, steps, repeats)
-
+  result = compare_lm_steps(t_cfg, s_cfg, batch_size, seq, steps, repeats)
+  ms, tokens_per_step = result["ms"], result["tokens_per_step"]
   peak = measured_matmul_peak(matmul_n)
-  tokens_per_step = batch_size * seq
-  flops = tokens_per_step * (3 * s_cfg.matmul_flops_per_token(seq)
-                             + t_cfg.matmul_flops_per_token(seq))
   print(f"measured bf16 matmul peak ({matmul_n}^3): {peak / 1e12:.3f} TFLOP/s")
   print(f"{'variant':<18}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}"
         f"{'temp MiB':>11}")
   for name in ("kdjax", "hand-written"):
-    mfu = flops / (ms[name] / 1e3) / peak
+    mfu = result["flops_per_step"] / (ms[name] / 1e3) / peak
+    temp = result["memory"][name]
+    temp_str = (f"{temp['temp'] / 2**20:>11.1f}" if temp else f"{'n/a':>11}")
     print(f"{name:<18}{ms[name]:>10.2f}{tokens_per_step / ms[name] * 1e3:>12.0f}"
-          f"{100 * mfu:>7.1f}%{temp_bytes[name] / 2**20:>11.1f}")
+          f"{100 * mfu:>7.1f}%{temp_str}")
   for name in ("student step", "teacher forward"):
     print(f"{name:<18}{ms[name]:>10.2f}")
   print(f"kdjax / hand-written: {ms['kdjax'] / ms['hand-written']:.3f}x; "
@@ -258,7 +321,7 @@ def main():
         f"{ms['kdjax'] / (ms['student step'] + ms['teacher forward']):.3f}x")
   print(f"(backend: {backend})")
   if args.large_vocab:
-    del holder, kd_state, hand_params, hand_opt, st_params, st_opt, teacher
+    del result
     import bench_large_vocab  # pylint: disable=import-outside-toplevel
     bench_large_vocab.run(args.small, "all", args.steps, args.repeats)
 

@@ -127,7 +127,21 @@ class Variant:
     return time.perf_counter() - start
 
 
-def build_variants(name: str, batch_size: int, cache_dir: str) -> list:
+def kd_loss_fn():
+  """``0.1 * CE + 0.9 * T^2 KL(p_teacher || q_student)``, ``T = 4`` (kdjax)."""
+  return losses.compose(
+      [losses.Term("ce", losses.label_term(), CE_WEIGHT, needs_teacher=False),
+       losses.Term("kd", losses.logit_term(losses.kl_divergence), KD_WEIGHT)],
+      temperature=TEMPERATURE)
+
+
+def image_setup(name: str, batch_size: int) -> dict:
+  """Models, variables, data and the kdjax online-teacher step of one pair.
+
+  Returns ``{"teacher", "student", "teacher_vars", "init_student", "data",
+  "batches" (NUM_BATCHES device-resident), "optimizer", "loss_fn",
+  "s_apply", "t_apply", "kd_step" (``kdjax.train.make_train_step``)}``.
+  """
   teacher, student = model_pair(name)
   rng = np.random.default_rng(0)
   n = batch_size * NUM_BATCHES
@@ -141,16 +155,27 @@ def build_variants(name: str, batch_size: int, cache_dir: str) -> list:
   optimizer = optax.adam(1e-3)
   host_batches = [{k: v[i * batch_size:(i + 1) * batch_size]
                    for k, v in data.items()} for i in range(NUM_BATCHES)]
-  batches = [jax.device_put(b) for b in host_batches]
+  loss_fn = kd_loss_fn()
+  s_apply, t_apply = models.from_linen(student), models.from_linen(teacher)
+  return {"teacher": teacher, "student": student,
+          "teacher_vars": teacher_vars, "init_student": init_student,
+          "data": data, "batches": [jax.device_put(b) for b in host_batches],
+          "optimizer": optimizer, "loss_fn": loss_fn, "s_apply": s_apply,
+          "t_apply": t_apply,
+          "kd_step": train.make_train_step(s_apply, t_apply, loss_fn,
+                                           optimizer)}
+
+
+def build_variants(name: str, batch_size: int, cache_dir: str) -> list:
+  setup = image_setup(name, batch_size)
+  teacher, student = setup["teacher"], setup["student"]
+  teacher_vars, init_student = setup["teacher_vars"], setup["init_student"]
+  data, batches, optimizer = setup["data"], setup["batches"], setup["optimizer"]
+  loss_fn, s_apply, t_apply = setup["loss_fn"], setup["s_apply"], setup["t_apply"]
   variants = []
 
   # kdjax, online teacher.
-  loss_fn = losses.compose(
-      [losses.Term("ce", losses.label_term(), CE_WEIGHT, needs_teacher=False),
-       losses.Term("kd", losses.logit_term(losses.kl_divergence), KD_WEIGHT)],
-      temperature=TEMPERATURE)
-  s_apply, t_apply = models.from_linen(student), models.from_linen(teacher)
-  kd_step = train.make_train_step(s_apply, t_apply, loss_fn, optimizer)
+  kd_step = setup["kd_step"]
   kd_state = train.create_state(init_student(), optimizer,
                                 rng=jax.random.key(0))
   mem = peak_bytes(kd_step, kd_state, teacher_vars, batches[0])
