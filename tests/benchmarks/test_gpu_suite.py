@@ -126,3 +126,30 @@ def test_failing_section_is_reported_and_the_rest_run(tmp_path, monkeypatch):
   assert report["sections"]["two"]["status"] == "ok"
   md = (tmp_path / "gpu_suite.md").read_text()
   assert "**failed**: MemoryError" in md and "| x | 1.5 |" in md
+
+
+def test_section_running_past_budget_is_interrupted(tmp_path, monkeypatch):
+  sys.path.insert(0, os.path.dirname(SUITE))
+  try:
+    import gpu_suite  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(os.path.dirname(SUITE))
+  import time  # pylint: disable=g-import-not-at-top
+
+  def slow(ctx):
+    for _ in range(400):
+      time.sleep(0.025)
+    return {"columns": ["a"], "rows": [["never"]]}
+
+  monkeypatch.setattr(gpu_suite, "SECTIONS", (
+      gpu_suite.Section("slow", "slow", slow, 0),
+      gpu_suite.Section("after", "after", slow, 0)))
+  args = types.SimpleNamespace(
+      out=str(tmp_path), cpu_size=True, budget_s=0.5, grace_s=0.5,
+      sections=None, steps=None, repeats=None, loop_steps=None)
+  report = gpu_suite.run_suite(args)
+  assert report["sections"]["slow"]["status"] == "failed"
+  assert "interrupted" in report["sections"]["slow"]["reason"]
+  assert report["sections"]["slow"]["wall_s"] < 5
+  assert report["sections"]["after"]["status"] == "skipped"
+  assert "time budget" in report["sections"]["after"]["reason"]
