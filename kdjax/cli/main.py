@@ -15,6 +15,7 @@
   kdjax lm eval RUN_DIR [--teacher TEACHER_RUN]        # held-out perplexity -> eval.json
   kdjax lm eval --hf HF_DIR [--config L.yaml] [--set ...]  # of a Hugging Face directory
   kdjax lm generate RUN_DIR [--prompt TEXT ...]        # sampled continuations
+  kdjax lm plan --config L.yaml [--devices N] [--mesh data=A,fsdp=B] [--device-memory-gib G]
   kdjax lm config [--config L.yaml] [--set ...] [--schema]
 
 Training commands resume from their run directory's newest checkpoint: after
@@ -204,6 +205,30 @@ def _add_lm_parser(sub) -> None:
                  metavar="TEXT", help="a prompt (repeat for several)")
   _add_set(p, _LM_SET_EXAMPLE)
   p.set_defaults(func=cmd_lm_generate)
+  p = lsub.add_parser(
+      "plan", help="the memory per device of the lm distill step on a mesh: "
+      "compiled on abstract shapes (no weights) for simulated CPU devices, "
+      "an estimate to check on the GPU",
+      description="Compiles the step `kdjax lm distill` would run "
+      "(distill.objective, train.precision, data.batch_size x data.seq_len) "
+      "for --devices simulated CPU devices, with abstract variables (no "
+      "weight is allocated), and prints per device: teacher parameters, "
+      "student parameters, optimizer state, batch, XLA's activations/"
+      "temporaries and the total against --device-memory-gib. The student "
+      "is FSDP-sharded over 'fsdp' (replicated on a mesh of 'data' alone), "
+      "the teacher split over the whole mesh, the batch over data x fsdp. "
+      "The temporaries are XLA:CPU's: an estimate (GPU fusion, scheduling "
+      "and attention kernels differ) to check against a GPU measurement.")
+  _add_config_args(p, example=_LM_SET_EXAMPLE)
+  p.add_argument("--devices", type=int, default=8, metavar="N",
+                 help="devices of the target mesh (default 8)")
+  p.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                 help="mesh axes data and fsdp, their sizes multiplying to "
+                      "--devices (default fsdp=N), e.g. data=2,fsdp=4")
+  p.add_argument("--device-memory-gib", type=float, default=80.0,
+                 metavar="G", help="memory of one device to compare with "
+                 "(default 80)")
+  p.set_defaults(func=cmd_lm_plan)
   p = lsub.add_parser("config", help="print the resolved LM config (or its "
                       "schema with --schema)")
   _add_config_args(p, required=False, example=_LM_SET_EXAMPLE)
@@ -395,6 +420,18 @@ def cmd_lm_distill(args) -> int:
   config = _lm_config.load_config(args.config, args.set)
   from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
   return _lm_train.distill(config)
+
+
+def cmd_lm_plan(args) -> int:
+  from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.lm import plan as _lm_plan  # pylint: disable=g-import-not-at-top
+  axes = _lm_plan.parse_mesh(args.mesh, args.devices)
+  if args.device_memory_gib <= 0:
+    raise errors.UsageError("--device-memory-gib must be positive, got "
+                            f"{args.device_memory_gib}.")
+  config = _lm_config.load_config(args.config, args.set)
+  return _lm_plan.run(config, devices=args.devices, axes=axes,
+                      device_memory_gib=args.device_memory_gib)
 
 
 def cmd_lm_eval(args) -> int:

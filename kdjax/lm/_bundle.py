@@ -84,7 +84,7 @@ class LMModel:
 
 
 def decoder_lm_model(config: TransformerConfig, *, seed: int,
-                     name: str = "custom") -> LMModel:
+                     name: str = "custom", abstract: bool = False) -> LMModel:
   """The :class:`LMModel` of kdjax's :class:`kdjax.lm.DecoderLM`.
 
   The variables are ``init_lm(config, PRNGKey(seed))`` run as one jitted
@@ -95,14 +95,18 @@ def decoder_lm_model(config: TransformerConfig, *, seed: int,
       exceed the tokenizer's vocabulary).
     seed: the initialisation seed.
     name: names the model in ``description`` (e.g. a size preset).
+    abstract: the variables are ``jax.ShapeDtypeStruct`` s (``jax.eval_shape``
+      of the initialisation: nothing is allocated), e.g. for
+      ``kdjax.parallel.plan_train_step_memory``.
 
   Returns:
     The model, ``family="kdjax"``, ``max_len=config.max_len``.
   """
   apply = make_lm_apply(config)
   lean = make_lm_apply(config, compute_logits=False)
-  variables = jax.jit(lambda key: init_lm(config, key))(
-      jax.random.PRNGKey(seed))
+  init = lambda key: init_lm(config, key)
+  key = jax.random.PRNGKey(seed)
+  variables = jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
 
   def generate(variables, tokens, prompt_len, rng, sampling):
     return _generate(apply.module, variables, tokens, prompt_len, rng,

@@ -240,10 +240,14 @@ def build_lm_step_fn(student_apply: ApplyFn,
                      loss_fn: losses.ComposedLoss,
                      optimizer: optax.GradientTransformation,
                      options: Optional[train.StepOptions] = None,
+                     *,
+                     gather_fn: Optional[Callable[[Any], Any]] = None,
                      **option_fields: Any) -> train.StepFn:
-  """The un-jitted step of :func:`make_lm_train_step` (``kdjax.train.build_step``)."""
+  """The un-jitted step of :func:`make_lm_train_step` (``kdjax.train.build_step``;
+  ``gather_fn``: its FSDP all-gather, e.g. ``kdjax.parallel.fsdp_gather_fn``)."""
   return train.build_step(student_apply, teacher_apply, loss_fn, optimizer,
-                          lm_step_options(options, **option_fields))
+                          lm_step_options(options, **option_fields),
+                          gather_fn=gather_fn)
 
 
 def token_divergence_sums(student_logits: chex.Array,

@@ -351,6 +351,7 @@ def build_lm_objective_step(
     student_rollout: Optional[RolloutFactory] = None,
     teacher_rollout: Optional[RolloutFactory] = None,
     sampling_fields: Optional[Mapping[str, Any]] = None,
+    gather_fn: Optional[Callable[[Any], Any]] = None,
     **option_fields: Any) -> train.StepFn:
   """The objective's un-jitted train step ``step(state, teacher_variables,
   batch) -> (state, metrics)``.
@@ -390,6 +391,9 @@ def build_lm_objective_step(
       but its temperature (the objective's :attr:`LMObjectiveSpec.
       sampling_temperature`): ``vocab_size`` (default: ``vocab_size``),
       ``suppress_ids``, ``eos_id``, ``pad_id``, ``top_k``, ``top_p``, ...
+    gather_fn: FSDP: the all-gather of the sharded student parameters at
+      the start of the step (``kdjax.parallel.fsdp_gather_fn(mesh)``);
+      objectives without a rollout only (``ValueError`` otherwise).
     **option_fields: ``StepOptions`` fields, e.g. ``accumulation_steps``,
       ``policy``, ``checks``.
 
@@ -416,7 +420,10 @@ def build_lm_objective_step(
       teacher_apply = teacher_lean_apply
   if spec.rollout is None:
     return build_lm_step_fn(student_apply, teacher_apply, loss_fn, optimizer,
-                            options, **option_fields)
+                            options, gather_fn=gather_fn, **option_fields)
+  if gather_fn is not None:
+    raise ValueError(f"gather_fn is not supported by the LM objective "
+                     f"{spec.name!r} (a rollout step).")
   fields = dict(sampling_fields or {})
   if "temperature" in fields:
     raise ValueError(

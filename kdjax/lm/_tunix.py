@@ -228,7 +228,8 @@ def tunix_family(model: Any) -> str:
 
 
 def init_tunix_model(family: str, config: Any, seed: int = 0, *,
-                     redraw_zero_kernels: bool = True) -> Any:
+                     redraw_zero_kernels: bool = True,
+                     abstract: bool = False) -> Any:
   """A randomly initialised Tunix model (``nnx.Module``).
 
   Tunix initialises the MLP kernels (``gate_proj``, ``up_proj``,
@@ -244,6 +245,9 @@ def init_tunix_model(family: str, config: Any, seed: int = 0, *,
     config: from :func:`tunix_model_config`.
     seed: the ``nnx.Rngs`` seed.
     redraw_zero_kernels: see above.
+    abstract: a model whose parameters are ``jax.ShapeDtypeStruct`` s
+      (``nnx.eval_shape``: nothing is allocated, e.g. an 8B model's shapes
+      for ``kdjax.parallel.plan_train_step_memory``); no kernel is redrawn.
   """
   from flax import nnx
   module = _model_module(family)
@@ -251,7 +255,10 @@ def init_tunix_model(family: str, config: Any, seed: int = 0, *,
     raise TypeError(f"config must be tunix.models.{family}.model.ModelConfig, "
                     f"got {type(config).__module__}.{type(config).__name__}.")
   _check_config(family, config)
-  model = getattr(module, _CLASS_NAMES[family])(config, rngs=nnx.Rngs(seed))
+  cls = getattr(module, _CLASS_NAMES[family])
+  if abstract:
+    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(seed)))
+  model = cls(config, rngs=nnx.Rngs(seed))
   if redraw_zero_kernels:
     state = nnx.state(model, nnx.Param)
     flat = nnx.to_flat_state(state)

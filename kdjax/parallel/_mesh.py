@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -164,6 +164,22 @@ class ShardingRules:
 def replicated(mesh: Mesh) -> NamedSharding:
   """The sharding that keeps a full copy on every device of ``mesh``."""
   return NamedSharding(mesh, P())
+
+
+def fsdp_gather_fn(mesh: Mesh) -> Callable[[Any], Any]:
+  """``gather(tree)``: every leaf constrained to be replicated over ``mesh``.
+
+  The ``gather_fn`` of :func:`kdjax.train.build_step` for FSDP: the sharded
+  parameters are all-gathered at the start of the step (and their gradients
+  reduce-scattered back to the shards).
+  """
+  sharding = replicated(mesh)
+
+  def gather(tree):
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+  return gather
 
 
 def leaf_partition_spec(shape: Sequence[int],

@@ -81,11 +81,7 @@ def make_sharded_train_step(student_apply: ApplyFn,
   batch_sh = _mesh.batch_sharding(mesh, rules)
   gather_fn = None
   if rules.student_axis is not None and rules.gather_params:
-    replicated = _mesh.replicated(mesh)
-
-    def gather_fn(trainable):
-      return jax.tree.map(
-          lambda x: jax.lax.with_sharding_constraint(x, replicated), trainable)
+    gather_fn = _mesh.fsdp_gather_fn(mesh)
 
   step = build_step(student_apply, teacher_apply, loss_fn, optimizer, options,
                     gather_fn=gather_fn)

@@ -42,16 +42,19 @@ def model_rows(section: Mapping[str, Any], vocab_size: int, side: str) -> int:
 
 
 def build_lm(section: Mapping[str, Any], vocab_size: int, seq_len: int,
-             seed: int, side: str) -> "lm.LMModel":
-  """The :class:`LMModel` of a ``teacher``/``student`` section."""
+             seed: int, side: str, *, abstract: bool = False
+             ) -> "lm.LMModel":
+  """The :class:`LMModel` of a ``teacher``/``student`` section
+  (``abstract``: its variables are shapes, nothing allocated)."""
   rows = model_rows(section, vocab_size, side)
   if section["family"] == "kdjax":
-    return _build_kdjax(section, rows, vocab_size, seq_len, seed, side)
-  return _build_tunix(section, rows, vocab_size, seed, side)
+    return _build_kdjax(section, rows, vocab_size, seq_len, seed, side,
+                        abstract)
+  return _build_tunix(section, rows, vocab_size, seed, side, abstract)
 
 
-def _build_kdjax(section, rows, vocab_size, seq_len, seed, side
-                 ) -> "lm.LMModel":
+def _build_kdjax(section, rows, vocab_size, seq_len, seed, side,
+                 abstract=False) -> "lm.LMModel":
   from kdjax import lm  # pylint: disable=g-import-not-at-top
   fields = {**_lm_config.KDJAX_SIZES[section["size"]],
             "max_len": max(256, seq_len), **section["kwargs"],
@@ -63,7 +66,8 @@ def _build_kdjax(section, rows, vocab_size, seq_len, seed, side
   if config.max_len < seq_len:
     raise ConfigError(f"config key '{side}.kwargs.max_len' ({config.max_len}) "
                       f"is shorter than data.seq_len ({seq_len}).")
-  return lm.decoder_lm_model(config, seed=seed, name=section["size"])
+  return lm.decoder_lm_model(config, seed=seed, name=section["size"],
+                             abstract=abstract)
 
 
 def _tunix_lm():
@@ -79,7 +83,8 @@ def _tunix_lm():
   return lm
 
 
-def _build_tunix(section, rows, vocab_size, seed, side) -> "lm.LMModel":
+def _build_tunix(section, rows, vocab_size, seed, side, abstract=False
+                 ) -> "lm.LMModel":
   lm = _tunix_lm()
   family = section["family"]
   kwargs = dict(section["kwargs"])
@@ -88,7 +93,7 @@ def _build_tunix(section, rows, vocab_size, seed, side) -> "lm.LMModel":
     kwargs["vocab_size"] = rows
   try:
     config = lm.tunix_model_config(family, size, **kwargs)
-    model = lm.init_tunix_model(family, config, seed)
+    model = lm.init_tunix_model(family, config, seed, abstract=abstract)
   except ImportError as e:
     raise errors.MissingDependencyError(str(e)) from None
   except (TypeError, ValueError) as e:
@@ -158,13 +163,14 @@ def _check_hf_tokenizer(path: str) -> None:
     raise ConfigError(f"config key 'teacher.hf_path': {e}") from None
 
 
-def model_of(config: Mapping[str, Any], side: str, vocab_size: int
-             ) -> "lm.LMModel":
+def model_of(config: Mapping[str, Any], side: str, vocab_size: int, *,
+             abstract: bool = False) -> "lm.LMModel":
   """The model of ``config[side]``: a Hugging Face teacher
   (``teacher.hf_path``), a student made of its layers
   (``student.init: teacher_layers``, in ``student.dtype``: float32 master
   weights by default, whatever the teacher's dtype), or a fresh model of the
-  section."""
+  section. ``abstract`` (``kdjax lm plan``): a fresh model's variables as
+  shapes, nothing allocated (a Hugging Face teacher is read as it is)."""
   hf = config["teacher"]["hf_path"]
   if side == "teacher" and hf:
     ck = load_hf(hf)
@@ -183,7 +189,7 @@ def model_of(config: Mapping[str, Any], side: str, vocab_size: int
     return lm_from_tunix(model, ck.family, vocab_size,
                          f"{ck.family}, layers {keep} of {hf}", side)
   return build_lm(config[side], vocab_size, config["data"]["seq_len"],
-                  config["seed"], side)
+                  config["seed"], side, abstract=abstract)
 
 
 def param_count(variables) -> int:
