@@ -234,8 +234,8 @@ def _child() -> int:
   try:
     plan_in_process(request)
   except Exception as e:  # pylint: disable=broad-except
-    from kdjax.cli import main as _main  # pylint: disable=g-import-not-at-top
-    status = _main.report_error("lm plan", e)
+    from kdjax.cli import failures  # pylint: disable=g-import-not-at-top
+    status = failures.report_error("lm plan", e)
     if status is None:
       raise
     return status
