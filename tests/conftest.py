@@ -48,6 +48,6 @@ def run_in_subprocess(code: str, *, devices: int = 8, timeout: float = 600,
   return proc.stdout
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def subprocess_runner():
   return run_in_subprocess

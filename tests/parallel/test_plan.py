@@ -10,8 +10,6 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-from conftest import run_in_subprocess  # noqa: E402
 
 _CODE = f"""
 import json, sys
@@ -53,8 +51,8 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def plans():
-  stdout = run_in_subprocess(_CODE, devices=8, timeout=300)
+def plans(subprocess_runner):
+  stdout = subprocess_runner(_CODE, devices=8, timeout=300)
   line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])
 

@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 import yaml
 
-import _killed_runs
+# The exact-resume helpers live in tests/cli (shared with test_resume_exact.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _killed_runs  # noqa: E402  pylint: disable=g-import-not-at-top
 from kdjax.cli.image import data as _data
 from kdjax.cli.image import models as _models
 from kdjax.cli.main import main
