@@ -3,7 +3,7 @@
 ``<run>/config.yaml`` (the full, validated config), ``<run>/run.json`` (what
 was trained: ``command``, ``model``, ...; LM runs add ``"kind": "lm"``),
 ``<run>/checkpoints/<step>/`` (orbax), ``metrics.jsonl``, ``summary.json``,
-``eval.json``. Both files are written atomically (a temporary file, then
+``eval.json``. config.yaml, run.json and the JSON files are written atomically (a temporary file, then
 ``os.replace``). Standard library only: ``main.py`` checks a directory before
 it imports JAX.
 """
@@ -19,6 +19,8 @@ from kdjax.cli import errors
 RUN_META = "run.json"
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
+SUMMARY_FILE = "summary.json"
+EVAL_FILE = "eval.json"
 LM_KIND = "lm"
 IMAGE_WRITERS = "`kdjax train-teacher` and `kdjax distill`"
 LM_WRITERS = "`kdjax lm train-teacher` and `kdjax lm distill`"
@@ -101,10 +103,14 @@ def _write_atomically(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def write_json(path: str, value: Any, *, indent: Optional[int] = 1) -> None:
+  """Writes ``value`` as JSON to the file ``path``, atomically."""
+  _write_atomically(path, json.dumps(value, indent=indent))
+
+
 def write(path: str, config_text: str, meta: Mapping[str, Any]) -> None:
   """Writes ``config.yaml`` (``config_text``) and ``run.json`` into ``path``,
   each atomically."""
   os.makedirs(path, exist_ok=True)
   _write_atomically(os.path.join(path, CONFIG_FILE), config_text)
-  _write_atomically(os.path.join(path, RUN_META),
-                    json.dumps(dict(meta), indent=1))
+  write_json(os.path.join(path, RUN_META), dict(meta))

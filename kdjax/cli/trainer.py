@@ -47,7 +47,6 @@ from kdjax.cli.config import image as cfg
 from kdjax.cli import errors
 from kdjax.cli.config.base import ConfigError
 
-SUMMARY_FILE = "summary.json"
 EXIT_INTERRUPTED = {signal.SIGINT: errors.EXIT_SIGINT,
                     signal.SIGTERM: errors.EXIT_SIGTERM}
 
@@ -281,7 +280,7 @@ def finish(job: Job, result: "ktrain.LoopResult",
     out(f"{job.tag} interrupted at step {result.step}/{job.total}; checkpoint "
         f"saved in {ckpt.directory}. Run the same command again to continue.")
     return EXIT_INTERRUPTED.get(result.signal, errors.EXIT_SIGINT)
-  summary_path = os.path.join(job.run_dir, SUMMARY_FILE)
+  summary_path = os.path.join(job.run_dir, runs.SUMMARY_FILE)
   start, total, wall = result.start_step, job.total, result.wall_s
   if start < total:
     trained = total - start
@@ -307,8 +306,7 @@ def finish(job: Job, result: "ktrain.LoopResult",
       with open(summary_path) as f:
         summary = json.load(f)
     summary["eval"] = dict(report)
-  with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=1)
+  runs.write_json(summary_path, summary)
   out(f"{job.tag} eval on {job.eval_description}: " + fmt(report))
   out(f"{job.tag} run dir: {job.run_dir}")
   return 0

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from kdjax.cli import runs
 from kdjax.cli import trainer as _trainer
 from kdjax.cli.config import image as cfg
 from kdjax.cli.config.base import ConfigError
@@ -95,7 +96,7 @@ def test_throughput_leaves_the_compiling_first_step_out(tmp_path):
   """summary.json times the first step apart; the closing line says so."""
   rc, out = _run(_args(tmp_path, "timed"))
   assert rc == 0, out
-  with open(tmp_path / "timed" / _trainer.SUMMARY_FILE) as f:
+  with open(tmp_path / "timed" / runs.SUMMARY_FILE) as f:
     summary = json.load(f)
   assert 0 < summary["first_step_s"] < summary["wall_s"]
   line = next(l for l in out.splitlines() if "trained steps 0..4" in l)

@@ -18,7 +18,6 @@ Everything is printed and written to ``<run>/eval.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -34,7 +33,6 @@ from kdjax.cli.image import models as _models
 from kdjax import metrics
 from kdjax.cli import errors
 
-EVAL_FILE = "eval.json"
 
 
 def _model_sums(logits, labels, mask, num_bins: int) -> dict:
@@ -159,10 +157,8 @@ def evaluate_run(run: _models.Run, teacher: Optional[_models.Run], *,
     result["agreement"] = float(totals["agreement"]) / count
     result["mean_kl"] = float(totals["kl"]) / count
   result["device"] = str(jax.devices()[0].device_kind)
-  path = os.path.join(run.path, EVAL_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(path + ".tmp", path)
+  path = os.path.join(run.path, runs.EVAL_FILE)
+  runs.write_json(path, result)
   out(format_table(result))
   out(f"wrote {path}")
   return result

@@ -45,7 +45,6 @@ from kdjax.cli.trainer import Objective
 from kdjax.cli.config.base import ConfigError
 
 # Shared with kdjax lm (kept here for the modules that read them from _train).
-SUMMARY_FILE = _trainer.SUMMARY_FILE
 EXIT_INTERRUPTED = _trainer.EXIT_INTERRUPTED
 build_optimizer = _trainer.build_optimizer
 build_policy = _trainer.build_policy

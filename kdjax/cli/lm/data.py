@@ -167,23 +167,19 @@ def build_tokenizer(config: Mapping[str, Any], corpus: Optional[Mapping] = None,
   if tc["kind"] == "file":
     return tokenizer_of_file(tc["path"], tc)
   path = _lm_config.tokenizer_path(config)
-  if not os.path.exists(path):
-    if corpus is None:
-      corpus = read_corpus(config["data"])
-    text = _library_tokenizer(
-        lambda **_: lm.train_bpe(corpus["train"], tc["vocab_size"]), tc, path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _write(path, text)
-    out(f"[lm] trained a byte-level BPE tokenizer ({tc['vocab_size']} ids) "
-        f"on {len(corpus['train'])} training files: {path}")
-  return tokenizer_of_file(path, tc, kind="bpe")
-
-
-def _write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  if os.path.exists(path):
+    return tokenizer_of_file(path, tc, kind="bpe")
+  if corpus is None:
+    corpus = read_corpus(config["data"])
+  tokenizer = _library_tokenizer(
+      lambda **specials: lm.tokenizer_from_json(
+          lm.train_bpe(corpus["train"], tc["vocab_size"]), name=path,
+          kind="bpe", **specials), tc, path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tokenizer.save(os.path.dirname(path) or ".")
+  out(f"[lm] trained a byte-level BPE tokenizer ({tc['vocab_size']} ids) "
+      f"on {len(corpus['train'])} training files: {path}")
+  return tokenizer
 
 
 def tokenizer_of_run(run_dir: str, meta: Mapping[str, Any],

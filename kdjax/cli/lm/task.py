@@ -44,7 +44,6 @@ from kdjax.cli import errors
 from kdjax.cli.config.base import ConfigError
 from kdjax.cli.trainer import Objective
 
-EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.json"
 
 
@@ -422,8 +421,8 @@ def write_hf(config, run_dir: str, student: _lm_models.LMModel, tokenizer,
     if dtype is None:  # a bfloat16 teacher gives a bfloat16 student
       dtype = _param_dtype(ck.model)
   # Recorded first: an export cut short may be retried by the same command.
-  with open(os.path.join(run_dir, HF_EXPORT_FILE), "w") as f:
-    json.dump({"path": os.path.abspath(path), "dtype": dtype}, f)
+  runs.write_json(os.path.join(run_dir, HF_EXPORT_FILE),
+                  {"path": os.path.abspath(path), "dtype": dtype}, indent=None)
   save_hf_checkpoint(
       path, student.family, model, hf_config=hf_config, dtype=dtype,
       tokenizer=(None if tokenizer.json_text is None
@@ -478,8 +477,7 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
               "held_out_files": len(data.corpus["eval"]),
               "held_out_sequences": len(data.held_out[0]),
               "eval_s": time.perf_counter() - t0, **report}
-    with open(os.path.join(run_dir, EVAL_FILE), "w") as f:
-      json.dump(result, f, indent=1)
+    runs.write_json(os.path.join(run_dir, runs.EVAL_FILE), result)
   out(f"[lm eval] {run_dir} (step {result['step']}, {model.description}): "
       f"held-out perplexity {report['perplexity']:.3f} over "
       f"{int(report['tokens'])} tokens"
@@ -487,7 +485,7 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
          f"teacher-student {run.config['eval']['divergence']} "
          f"{report['teacher_' + run.config['eval']['divergence']]:.4f}"
          if teacher is not None else "")
-      + f"; {os.path.join(run_dir, EVAL_FILE)}")
+      + f"; {os.path.join(run_dir, runs.EVAL_FILE)}")
   return result
 
 
@@ -564,8 +562,8 @@ def generate_run(run_dir: str, prompts: Sequence[str] = (), *,
     cont = tokenizer.decode(tokens[i, prompt_len[i]:lengths[i]])
     samples.append({"prompt": text, "continuation": cont})
     out(f"--- prompt {i}: {text!r}\n{cont}")
-  with open(os.path.join(run_dir, SAMPLES_FILE), "w") as f:
-    json.dump({"step": run.latest_step(), "sampling": {
-        k: g[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens")},
-               "samples": samples}, f, indent=1)
+  runs.write_json(os.path.join(run_dir, SAMPLES_FILE), {
+      "step": run.latest_step(), "sampling": {
+          k: g[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens")},
+      "samples": samples})
   return samples
