@@ -30,7 +30,7 @@ import json
 import os
 from typing import Callable, Optional, Sequence
 
-from kdjax.cli import runs
+from kdjax.cli.runs import EVAL_FILE, RUN_META, SUMMARY_FILE, is_run_dir
 from kdjax.cli.image import evaluate as _eval
 from kdjax.cli import metrics_log as _logging
 from kdjax.cli.image import models as _models
@@ -112,19 +112,19 @@ def evaluate_missing(run_dirs: Sequence[str],
   """
   done = []
   for path in run_dirs:
-    if os.path.exists(os.path.join(path, runs.EVAL_FILE)):
+    if os.path.exists(os.path.join(path, EVAL_FILE)):
       continue
     how = (f"evaluate it with `kdjax eval {path}` (`--teacher TEACHER_RUN` to "
            "compare it with a teacher) and run the report again")
-    if not runs.is_run_dir(path):
-      out(f"[report] {path} has no {runs.EVAL_FILE} and is not a run "
-          f"directory (no {runs.RUN_META}): its eval is left out of the "
+    if not is_run_dir(path):
+      out(f"[report] {path} has no {EVAL_FILE} and is not a run "
+          f"directory (no {RUN_META}): its eval is left out of the "
           "report.")
       continue
     try:
       run = _models.read_run(path)
       if run.latest_step() is None:
-        out(f"[report] {path} has no {runs.EVAL_FILE} and no checkpoint to "
+        out(f"[report] {path} has no {EVAL_FILE} and no checkpoint to "
             f"evaluate (nothing in {run.checkpoint_dir}): its eval is left "
             "out; train it, then " + how + ".")
         continue
@@ -133,7 +133,7 @@ def evaluate_missing(run_dirs: Sequence[str],
         out(f"[report] the teacher run {run.meta['teacher_run']} of {path} is "
             "gone: evaluating the run alone (`kdjax eval RUN --teacher "
             "TEACHER_RUN` compares it with another).")
-      out(f"[report] {path} has no {runs.EVAL_FILE}: evaluating it"
+      out(f"[report] {path} has no {EVAL_FILE}: evaluating it"
           + (f" against its teacher {teacher_dir}" if teacher_dir else "")
           + ".")
       _eval.evaluate_run_dir(path, teacher_dir=teacher_dir,
@@ -158,18 +158,18 @@ def load_runs(run_dirs: Sequence[str],
       raise errors.MissingRunError(f"no run directory {path}.")
     records = _logging.read_metrics(path)
     if not records and not os.path.exists(os.path.join(path,
-                                                        runs.EVAL_FILE)):
+                                                        EVAL_FILE)):
       raise errors.MissingRunError(
           f"{path} has neither {_logging.METRICS_FILE} nor "
-          f"{runs.EVAL_FILE}: not a kdjax run.")
+          f"{EVAL_FILE}: not a kdjax run.")
     runs.append({
         "path": path,
         "label": labels[i] if labels else os.path.basename(
             os.path.normpath(path)),
         "records": records,
         "meta": _load_json(os.path.join(path, "run.json")) or {},
-        "summary": _load_json(os.path.join(path, runs.SUMMARY_FILE)),
-        "eval": _load_json(os.path.join(path, runs.EVAL_FILE))})
+        "summary": _load_json(os.path.join(path, SUMMARY_FILE)),
+        "eval": _load_json(os.path.join(path, EVAL_FILE))})
   return runs
 
 
