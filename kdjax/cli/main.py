@@ -439,8 +439,8 @@ def cmd_lm_eval(args) -> int:
       raise errors.UsageError("give RUN_DIR or --hf HF_DIR, not both (the "
                               "teacher of --hf is the config's "
                               "teacher.hf_path).")
-    from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
-    _lm_train.evaluate_hf(args.hf, args.config, overrides=args.set,
+    from kdjax.cli.lm import evaluate as _lm_evaluate  # pylint: disable=g-import-not-at-top
+    _lm_evaluate.evaluate_hf(args.hf, args.config, overrides=args.set,
                           use_teacher=not args.no_teacher)
     return 0
   if args.run_dir is None:
@@ -452,16 +452,16 @@ def cmd_lm_eval(args) -> int:
   runs.check_kind(args.run_dir, lm=True)
   if args.teacher is not None and not args.no_teacher:
     runs.check_kind(args.teacher, lm=True)
-  from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
-  _lm_train.evaluate_run(args.run_dir, args.teacher,
+  from kdjax.cli.lm import evaluate as _lm_evaluate  # pylint: disable=g-import-not-at-top
+  _lm_evaluate.evaluate_run(args.run_dir, args.teacher,
                          use_teacher=not args.no_teacher, overrides=args.set)
   return 0
 
 
 def cmd_lm_generate(args) -> int:
   runs.check_kind(args.run_dir, lm=True)
-  from kdjax.cli.lm import task as _lm_train  # pylint: disable=g-import-not-at-top
-  _lm_train.generate_run(args.run_dir, args.prompt, overrides=args.set)
+  from kdjax.cli.lm import evaluate as _lm_evaluate  # pylint: disable=g-import-not-at-top
+  _lm_evaluate.generate_run(args.run_dir, args.prompt, overrides=args.set)
   return 0
 
 

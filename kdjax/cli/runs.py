@@ -26,6 +26,12 @@ IMAGE_WRITERS = "`kdjax train-teacher` and `kdjax distill`"
 LM_WRITERS = "`kdjax lm train-teacher` and `kdjax lm distill`"
 
 
+def same_path(a: str, b: str) -> bool:
+  """Whether two paths name the same file or directory (links resolved)."""
+  return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(
+      os.path.expanduser(b))
+
+
 def is_run_dir(path: str) -> bool:
   """Whether ``path`` holds a run.json."""
   return os.path.exists(os.path.join(path, RUN_META))

@@ -42,8 +42,7 @@ import optax
 from kdjax.cli import runs
 from kdjax import train as ktrain
 from kdjax.cli import metrics_log as _logging
-from kdjax.cli.image import models as _models
-from kdjax.cli.config import image as cfg
+from kdjax.cli.config import base as _config_base
 from kdjax.cli import errors
 from kdjax.cli.config.base import ConfigError
 
@@ -142,7 +141,7 @@ def open_checkpointer(run_dir: str, config: Mapping[str, Any], *,
   return kckpt.DistillCheckpointer(
       os.path.join(run_dir, runs.CHECKPOINTS),
       save_every=ck["save_every"] or None, keep_last=ck["keep"],
-      async_save=ck["async"], config=cfg.to_json(config), teacher=teacher,
+      async_save=ck["async"], config=_config_base.to_json(config), teacher=teacher,
       teacher_fingerprint=teacher_fingerprint)
 
 

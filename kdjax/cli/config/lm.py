@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+from kdjax.cli import runs
 from kdjax.cli.config import base as _config_base
 from kdjax.cli.config import image_schema as _schema
 from kdjax.cli.config.base import ConfigError
@@ -298,18 +299,12 @@ def validate(config: dict) -> dict:
                       "qwen3, llama3 or gemma3 (Hugging Face has no kdjax "
                       "DecoderLM format).")
   hf = config["teacher"]["hf_path"]
-  if d["hf_out"] and hf and same_path(d["hf_out"], hf):
+  if d["hf_out"] and hf and runs.same_path(d["hf_out"], hf):
     raise ConfigError(
         f"config key 'distill.hf_out' ({d['hf_out']}) is the teacher's own "
         f"directory (teacher.hf_path: {hf}); the export would overwrite the "
         "teacher: choose another directory.")
   return config
-
-
-def same_path(a: str, b: str) -> bool:
-  """Whether two paths name the same file or directory (links resolved)."""
-  return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(
-      os.path.expanduser(b))
 
 
 def teacher_run_dir(config: Mapping[str, Any]) -> str:
@@ -323,8 +318,3 @@ def distill_run_dir(config: Mapping[str, Any]) -> str:
   d = config["distill"]
   return os.path.join(config["output_dir"],
                       d["run_name"] or f"student_{d['objective']}")
-
-
-def tokenizer_path(config: Mapping[str, Any]) -> str:
-  """Where the shared BPE tokenizer lives: ``<output_dir>/tokenizer.json``."""
-  return os.path.join(config["output_dir"], "tokenizer.json")

@@ -31,14 +31,19 @@ saved with every checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import os
 import sysconfig
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from kdjax.cli import errors
+from kdjax.cli import runs
 from kdjax.cli.config.base import ConfigError
+
+if TYPE_CHECKING:
+  from kdjax import lm
 
 
 # -----------------------------------------------------------------------------
@@ -147,12 +152,16 @@ def tokenizer_of_file(path: str, tok_config: Mapping[str, Any],
       tok_config, path)
 
 
+def bpe_path(config: Mapping[str, Any]) -> str:
+  """Where the shared BPE tokenizer lives: ``<output_dir>/tokenizer.json``."""
+  return os.path.join(config["output_dir"], "tokenizer.json")
+
+
 def build_tokenizer(config: Mapping[str, Any], corpus: Optional[Mapping] = None,
                     out=print):
   """The experiment's :class:`kdjax.lm.Tokenizer` (a BPE is trained once, on
   the training files, and saved as ``<output_dir>/tokenizer.json``)."""
   from kdjax import lm  # pylint: disable=g-import-not-at-top
-  from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
   tc = config["tokenizer"]
   hf = config["teacher"]["hf_path"]
   if hf and tc["kind"] != "file":
@@ -166,7 +175,7 @@ def build_tokenizer(config: Mapping[str, Any], corpus: Optional[Mapping] = None,
     return lm.byte_tokenizer()
   if tc["kind"] == "file":
     return tokenizer_of_file(tc["path"], tc)
-  path = _lm_config.tokenizer_path(config)
+  path = bpe_path(config)
   if os.path.exists(path):
     return tokenizer_of_file(path, tc, kind="bpe")
   if corpus is None:
@@ -196,6 +205,101 @@ def tokenizer_of_run(run_dir: str, meta: Mapping[str, Any],
   return tokenizer_of_file(path, tok_config, kind=meta.get("tokenizer", "file"))
 
 
+def sampling_fields(tokenizer: "lm.Tokenizer") -> dict:
+  """The tokenizer's fields of :class:`kdjax.lm.SamplingConfig` (PAD and a
+  BOS other than EOS are never sampled)."""
+  return dict(vocab_size=tokenizer.vocab_size,
+              suppress_ids=tuple(sorted({tokenizer.pad_id, tokenizer.bos_id}
+                                        - {tokenizer.eos_id})),
+              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+
+def sampling_config(tokenizer: "lm.Tokenizer", *, temperature: float,
+                    top_k: Optional[int] = None,
+                    top_p: Optional[float] = None) -> "lm.SamplingConfig":
+  """The :class:`kdjax.lm.SamplingConfig` of ``lm generate``."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  return lm.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                           **sampling_fields(tokenizer))
+
+
+# -----------------------------------------------------------------------------
+# The teacher's files and tokenizer.
+# -----------------------------------------------------------------------------
+
+
+def _check_same_tokenizer(teacher_tok: "lm.Tokenizer",
+                          student_tok: "lm.Tokenizer",
+                          teacher_path: str) -> None:
+  """:func:`kdjax.lm.check_same_tokenizer`, as a ConfigError naming the
+  config keys (and pointing to ULD)."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  try:
+    lm.check_same_tokenizer(teacher_tok, student_tok)
+  except lm.TokenizerMismatchError:
+    raise ConfigError(
+        f"the teacher at {teacher_path} uses another tokenizer "
+        f"({teacher_tok.kind}, {teacher_tok.vocab_size} ids) than this run "
+        f"({student_tok.kind}, {student_tok.vocab_size} ids): token-level "
+        "distillation needs one vocabulary. Use the teacher's tokenizer "
+        f"(tokenizer.kind: file, tokenizer.path: {teacher_path}), or distil "
+        "across tokenizers with Universal Logit Distillation "
+        "(kdjax.lm.make_uld_loss, Python API).") from None
+
+
+def check_teacher_exists(config: Mapping[str, Any],
+                         run_dir: Optional[str] = None) -> None:
+  """A MissingRunError when the configured teacher (``teacher.hf_path``, else
+  the run in ``run_dir``) is not on disk (checked before any data is read)."""
+  hf = config["teacher"]["hf_path"]
+  if hf:
+    if not os.path.exists(os.path.join(hf, "config.json")):
+      raise errors.MissingRunError(
+          f"config key 'teacher.hf_path': no Hugging Face checkpoint at {hf} "
+          "(no config.json).")
+    return
+  if not os.path.exists(os.path.join(run_dir, runs.RUN_META)):
+    raise errors.MissingRunError(
+        f"no teacher run at {run_dir}: train one with `kdjax lm train-teacher "
+        "--config ...` (same config), or set teacher.run_dir.")
+
+
+
+
+def run_tokenizer(run_dir: str) -> "lm.Tokenizer":
+  """The tokenizer a run in ``run_dir`` was trained with (its run.json and
+  config.yaml read as they are)."""
+  from kdjax.cli.config import base as _config_base  # pylint: disable=g-import-not-at-top
+  from kdjax.cli.config import lm as _lm_config  # pylint: disable=g-import-not-at-top
+  meta = runs.read_meta(run_dir, written_by=runs.LM_WRITERS)
+  config = _config_base.load_saved(os.path.join(run_dir, runs.CONFIG_FILE),
+                                   _lm_config.LM_SCHEMA)
+  return tokenizer_of_run(run_dir, meta, config["tokenizer"])
+
+
+def check_teacher_tokenizer(config: Mapping[str, Any],
+                            tokenizer: "lm.Tokenizer",
+                            run_dir: Optional[str] = None) -> None:
+  """A ConfigError unless the teacher (``teacher.hf_path``'s tokenizer.json,
+  if it has one, else the teacher run in ``run_dir``) tokenizes as
+  ``tokenizer``: token-level distillation needs one vocabulary."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  hf = config["teacher"]["hf_path"]
+  if hf:
+    if os.path.exists(os.path.join(hf, lm.TOKENIZER_FILE)):
+      _check_same_tokenizer(tokenizer_of_file(hf, config["tokenizer"]),
+                            tokenizer, hf)
+    return
+  check_run_teacher_tokenizer(run_dir, tokenizer)
+
+
+def check_run_teacher_tokenizer(run_dir: str, tokenizer: "lm.Tokenizer"
+                                ) -> None:
+  """A ConfigError unless the teacher run in ``run_dir`` tokenizes as
+  ``tokenizer``."""
+  _check_same_tokenizer(run_tokenizer(run_dir), tokenizer, run_dir)
+
+
 # -----------------------------------------------------------------------------
 # Batches (kdjax.lm's, with the config keys named in errors).
 # -----------------------------------------------------------------------------
@@ -212,3 +316,54 @@ def train_batches(prompts, completions, batch_size: int, seq_len: int,
     raise errors.BatchSizeError(
         f"config key 'data.batch_size' ({batch_size}) exceeds the "
         f"{len(prompts)} training sequences; lower it or add text.") from None
+
+
+# -----------------------------------------------------------------------------
+# The data phase.
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LMData:
+  """The corpus split by file, the tokenizer, the train / held-out
+  sequences and the resumable training batches."""
+  corpus: dict
+  tokenizer: "lm.Tokenizer"
+  train: tuple
+  held_out: tuple
+  batches: Optional["lm.LMBatches"]
+
+
+def load_data(config: Mapping[str, Any],
+              tokenizer: Optional["lm.Tokenizer"] = None, *,
+              train: bool = True, teacher: bool = False,
+              teacher_dir: Optional[str] = None,
+              out: Callable[[str], None] = print) -> LMData:
+  """The data phase: corpus, tokenizer (``tokenizer``: a run's own; default:
+  the experiment's, :func:`build_tokenizer`), held-out windows and, with
+  ``train``, the training windows and batches. With ``teacher``, the
+  teacher (``teacher.hf_path``, else the run in ``teacher_dir``) must be on
+  disk (checked before any file is read) and tokenize alike."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  if teacher:
+    check_teacher_exists(config, teacher_dir)
+  d = config["data"]
+  corpus = read_corpus(d)
+  if tokenizer is None:
+    tokenizer = build_tokenizer(config, corpus, out)
+  if teacher:
+    check_teacher_tokenizer(config, tokenizer, teacher_dir)
+  held_out = lm.token_windows(corpus["eval"], tokenizer, d["seq_len"],
+                              d["prompt_len"], d["max_eval_sequences"])
+  if not held_out[0]:
+    raise errors.MissingDataError(
+        f"the held-out files ({len(corpus['eval'])}) hold no sequence of "
+        f"{d['seq_len'] + 1} tokens; add files or lower data.seq_len.")
+  train_seqs, batches = ((), None)
+  if train:
+    train_seqs = lm.token_windows(corpus["train"], tokenizer, d["seq_len"],
+                                  d["prompt_len"], d["max_train_sequences"])
+    batches = train_batches(*train_seqs, d["batch_size"], d["seq_len"],
+                            tokenizer.pad_id, config["seed"])
+  return LMData(corpus=corpus, tokenizer=tokenizer, train=train_seqs,
+                held_out=held_out, batches=batches)

@@ -5,7 +5,8 @@ an :class:`kdjax.lm.LMModel` (:func:`kdjax.lm.decoder_lm_model` for kdjax's
 DecoderLM, :func:`kdjax.lm.tunix_lm_model` for Tunix's Qwen3 / Llama 3 /
 Gemma 3, whose ``nnx.State`` becomes a plain nested dict through
 :class:`kdjax.lm.NNXParams`), naming the config keys in errors; and reads
-and writes LM run directories.
+and writes LM run directories; loads the teacher (a Hugging Face checkpoint
+or a teacher run).
 """
 
 from __future__ import annotations
@@ -230,13 +231,19 @@ class LMRun:
 
   def restore(self, model: "lm.LMModel"):
     """The trained variables (newest checkpoint), read-only."""
-    from kdjax import checkpoint  # pylint: disable=g-import-not-at-top
-    if self.latest_step() is None:
-      raise errors.MissingRunError(
-          f"the run at {self.path} has no checkpoint yet (in "
-          f"{self.checkpoint_dir}); train it first.")
-    return checkpoint.restore_teacher(self.checkpoint_dir,
-                                      abstract(model.variables))
+    return restore_variables(self.path, model)
+
+
+def restore_variables(run_dir: str, model: "lm.LMModel"):
+  """``model``'s trained variables from the newest checkpoint of the run in
+  ``run_dir``, read-only (a MissingRunError if it has none)."""
+  from kdjax import checkpoint  # pylint: disable=g-import-not-at-top
+  if runs.latest_step(run_dir) is None:
+    raise errors.MissingRunError(
+        f"the run at {run_dir} has no checkpoint yet (in "
+        f"{os.path.join(run_dir, runs.CHECKPOINTS)}); train it first.")
+  return checkpoint.restore_teacher(os.path.join(run_dir, runs.CHECKPOINTS),
+                                    abstract(model.variables))
 
 
 def read_lm_run(path: str) -> LMRun:
@@ -258,3 +265,39 @@ def write_lm_run(path: str, config: Mapping[str, Any],
   from kdjax.cli.config import base as _config_base  # pylint: disable=g-import-not-at-top
   runs.write(path, _config_base.dump(config),
                 {"kind": runs.LM_KIND, **meta})
+
+
+# -----------------------------------------------------------------------------
+# The teacher.
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LMTeacher:
+  """A trained teacher: its run, model and variables."""
+  path: str
+  model: "lm.LMModel"
+  variables: Any
+
+
+def load_run_teacher(run_dir: str, vocab_size: int) -> LMTeacher:
+  """The teacher trained in ``run_dir`` (``kdjax lm train-teacher``; its
+  tokenizer is checked by :func:`kdjax.cli.lm.data.check_teacher_tokenizer`
+  before)."""
+  run = read_lm_run(run_dir)
+  model = run.model(vocab_size)
+  return LMTeacher(path=os.path.abspath(run_dir), model=model,
+                   variables=run.restore(model))
+
+
+def load_teacher(config: Mapping[str, Any], vocab_size: int,
+                 run_dir: Optional[str] = None) -> LMTeacher:
+  """The Hugging Face teacher of ``teacher.hf_path``, or the teacher run in
+  ``run_dir`` (its existence and tokenizer checked by the data phase,
+  :func:`kdjax.cli.lm.data.load_data`)."""
+  hf = config["teacher"]["hf_path"]
+  if hf:
+    model = model_of(config, "teacher", vocab_size)
+    return LMTeacher(path=os.path.abspath(hf), model=model,
+                     variables=model.variables)
+  return load_run_teacher(run_dir, vocab_size)

@@ -33,7 +33,7 @@ import test_hub_checkpoint as hf_e2e
 from kdjax.cli.config import lm as _lm_config
 from kdjax.cli.lm import data as _lm_data
 from kdjax.cli.lm import models as _lm_models
-from kdjax.cli.lm import task as _lm_train
+from kdjax.cli.lm import export as _lm_export
 from kdjax.cli import errors
 from kdjax.cli.config.base import ConfigError
 
@@ -122,7 +122,7 @@ def test_bf16_teacher_trains_a_float32_student_and_exports_bf16(bf16_teacher):
   assert {str(v.dtype) for v in exported.values()} == {"bfloat16"}
   # The trained float32 weights, rounded once.
   # The teacher itself stays bfloat16 (frozen).
-  assert _lm_train._param_dtype(_lm_models.load_hf(teacher_dir).model) == (
+  assert _lm_export._param_dtype(_lm_models.load_hf(teacher_dir).model) == (
       "bfloat16")
   emb = np.asarray(jax.tree.leaves(trained["params"]["embedder"])[0])
   np.testing.assert_array_equal(
@@ -134,7 +134,7 @@ def test_bf16_teacher_trains_a_float32_student_and_exports_bf16(bf16_teacher):
   assert rc == 0 and "already trained" in out, out + err
 
   # The run records its export (what lets it write there again).
-  with open(os.path.join(run_dir, _lm_train.HF_EXPORT_FILE)) as f:
+  with open(os.path.join(run_dir, _lm_export.HF_EXPORT_FILE)) as f:
     assert json.load(f) == {"path": os.path.abspath(student_dir),
                             "dtype": "bfloat16"}
 
@@ -198,19 +198,19 @@ def test_hf_out_holding_a_foreign_checkpoint_is_refused(f32_teacher,
       f"distill.hf_out={other}"])
   run_dir = str(root / "a_run")
   with pytest.raises(ConfigError, match="did not write"):
-    _lm_train.check_hf_out(config, run_dir)
+    _lm_export.check_hf_out(config, run_dir)
   os.makedirs(run_dir)
-  with open(os.path.join(run_dir, _lm_train.HF_EXPORT_FILE), "w") as f:
+  with open(os.path.join(run_dir, _lm_export.HF_EXPORT_FILE), "w") as f:
     json.dump({"path": str(root / "elsewhere")}, f)
   with pytest.raises(ConfigError, match="did not write"):
-    _lm_train.check_hf_out(config, run_dir)
-  with open(os.path.join(run_dir, _lm_train.HF_EXPORT_FILE), "w") as f:
+    _lm_export.check_hf_out(config, run_dir)
+  with open(os.path.join(run_dir, _lm_export.HF_EXPORT_FILE), "w") as f:
     json.dump({"path": other + "/."}, f)
-  _lm_train.check_hf_out(config, run_dir)
+  _lm_export.check_hf_out(config, run_dir)
   config["distill"]["hf_overwrite"] = True
-  _lm_train.check_hf_out(config, str(root / "another_run"))
+  _lm_export.check_hf_out(config, str(root / "another_run"))
   config["distill"].update(hf_overwrite=False, hf_out=str(root / "new_dir"))
-  _lm_train.check_hf_out(config, str(root / "another_run"))
+  _lm_export.check_hf_out(config, str(root / "another_run"))
 
 
 # -----------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def _hf_eval(hf_dir, *sets):
 
 def test_lm_eval_hf_compares_two_directories(f32_teacher, bf16_teacher,
                                              tmp_path):
-  from kdjax.cli.lm import task as t
+  from kdjax.cli.lm import evaluate as t
   _, f32 = f32_teacher
   _, bf16 = bf16_teacher
   a = t.evaluate_hf(f32, [LM_TINY], overrides=[

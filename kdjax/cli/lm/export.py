@@ -1,0 +1,100 @@
+"""``kdjax lm distill``'s Hugging Face export (``distill.hf_out``).
+
+:func:`check_hf_out` refuses, before anything runs, a directory the export
+would overwrite without having written it; :func:`write_hf` writes the
+trained student (its config, ``model.safetensors`` in ``distill.hf_dtype`` or
+the teacher's dtype, and the run's ``tokenizer.json``) and records the export
+in ``<run_dir>/hf_export.json`` first, so that an export cut short may be
+retried by the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.cli import errors
+from kdjax.cli import runs
+from kdjax.cli.config.base import ConfigError
+from kdjax.cli.lm import models as _lm_models
+
+if TYPE_CHECKING:
+  from kdjax import lm
+
+
+HF_EXPORT_FILE = "hf_export.json"
+
+
+def check_hf_out(config: Mapping[str, Any], run_dir: str) -> None:
+  """A ConfigError, before anything runs, when ``distill.hf_out`` would
+  overwrite a Hugging Face directory this run did not write: one holding a
+  ``config.json`` that is not this run's earlier export (recorded in
+  ``<run_dir>/hf_export.json``), unless ``distill.hf_overwrite``. (The
+  teacher's own directory is refused by the config's validation.)"""
+  d = config["distill"]
+  path = d["hf_out"]
+  if not path or d["hf_overwrite"]:
+    return
+  if not os.path.exists(os.path.join(path, "config.json")):
+    return
+  record = os.path.join(run_dir, HF_EXPORT_FILE)
+  if os.path.exists(record):
+    try:
+      with open(record) as f:
+        if runs.same_path(json.load(f)["path"], path):
+          return
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
+  raise ConfigError(
+      f"config key 'distill.hf_out': {path} already holds a config.json that "
+      f"this run ({run_dir}) did not write; choose another directory, or set "
+      "distill.hf_overwrite=true to replace its config.json and "
+      "model.safetensors.")
+
+
+def _param_dtype(model) -> Optional[str]:
+  """The dtype of a Tunix model's floating-point parameters (None if mixed)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  dtypes = {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+            if jnp.issubdtype(x.dtype, jnp.floating)}
+  return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def write_hf(config: Mapping[str, Any], run_dir: str, student: "lm.LMModel",
+             tokenizer: "lm.Tokenizer",
+             out: Callable[[str], None] = print) -> None:
+  """Writes the trained student as a Hugging Face directory (distill.hf_out)."""
+  try:
+    from kdjax.lm import save_hf_checkpoint  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.MissingDependencyError(
+        "distill.hf_out needs kdjax.lm.save_hf_checkpoint (safetensors)."
+    ) from e
+  from kdjax.lm import rebuild_model  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  variables = _lm_models.restore_variables(run_dir, student)
+  model = rebuild_model(student.tunix_model,
+                        student.to_nnx(variables)["params"])
+  path = config["distill"]["hf_out"]
+  hf = config["teacher"]["hf_path"]
+  hf_config = None
+  dtype = config["distill"]["hf_dtype"]
+  if hf:
+    ck = _lm_models.load_hf(hf)
+    if ck.family == student.family:
+      hf_config = ck.hf_config
+    if dtype is None:  # a bfloat16 teacher gives a bfloat16 student
+      dtype = _param_dtype(ck.model)
+  # Recorded first: an export cut short may be retried by the same command.
+  runs.write_json(os.path.join(run_dir, HF_EXPORT_FILE),
+                  {"path": os.path.abspath(path), "dtype": dtype}, indent=None)
+  save_hf_checkpoint(
+      path, student.family, model, hf_config=hf_config, dtype=dtype,
+      tokenizer=(None if tokenizer.json_text is None
+                 else Tokenizer.from_str(tokenizer.json_text)))
+  out(f"[lm distill] wrote the student as a Hugging Face checkpoint"
+      f"{'' if dtype is None else f' ({dtype})'}: {path}")
