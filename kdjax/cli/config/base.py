@@ -103,13 +103,14 @@ def _expected(field: Field) -> str:
   return text
 
 
-def _coerce(path: str, field: Field, value: Any) -> Any:
-  """``value`` converted to ``field``'s kind, or a ConfigError naming ``path``."""
+def coerce(path: str, field: Field, value: Any, *, context: str = "") -> Any:
+  """``value`` converted to ``field``'s kind, or a ConfigError naming ``path``
+  (and ``context``, e.g. ``" (method 'dkd')"``, after it)."""
 
   def bad(extra: str = "") -> ConfigError:
     return ConfigError(
-        f"config key {path!r} must be {_expected(field)}, got {value!r} "
-        f"({_type_name(value)}){extra}.")
+        f"config key {path!r}{context} must be {_expected(field)}, got "
+        f"{value!r} ({_type_name(value)}){extra}.")
 
   if value is None:
     if field.nullable:
@@ -313,7 +314,7 @@ def validate_fields(path: str, schema: Mapping[str, Any], config: dict) -> None:
     if isinstance(sub, Mapping):
       validate_fields(full, sub, config[key])
     else:
-      config[key] = _coerce(full, sub, config[key])
+      config[key] = coerce(full, sub, config[key])
 
 
 

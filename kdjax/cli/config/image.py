@@ -35,8 +35,6 @@ from kdjax.cli.config import base as _config_base
 from kdjax.cli.image.arch import import_arch
 from kdjax.cli.config.base import ConfigError
 from kdjax.cli.config.base import Field
-from kdjax.cli.config.base import _as_float
-from kdjax.cli.config.base import _as_int
 from kdjax.cli.config.base import _suggest
 from kdjax.cli.config.base import _type_name
 from kdjax.cli.config.base import dump
@@ -127,39 +125,33 @@ def load_config(paths: Sequence[str] = (),
 # -----------------------------------------------------------------------------
 
 
+_HPARAM_KINDS = ((bool, "bool"), (int, "int"), (float, "float"))
+
+
 def _coerce_hparam(method: str, name: str, default: Any, value: Any) -> Any:
+  """``value`` of ``distill.hparams.<name>`` as the kind of the method's
+  default (a bool, int, float, string or nested tuple); other defaults
+  (None, a function) take the value as it is."""
   key = f"distill.hparams.{name}"
+  context = f" (method {method!r})"
   if default is None or callable(default):
     return value
-  if isinstance(default, bool):
-    if not isinstance(value, bool):
-      raise ConfigError(f"config key {key!r} (method {method!r}) must be true "
-                        f"or false, got {value!r}.")
-    return value
-  if isinstance(default, int):
-    out = _as_int(value)
-    if out is None:
-      raise ConfigError(f"config key {key!r} (method {method!r}) must be an "
-                        f"int, got {value!r} ({_type_name(value)}).")
-    return out
-  if isinstance(default, float):
-    out = _as_float(value)
-    if out is None:
-      raise ConfigError(f"config key {key!r} (method {method!r}) must be a "
-                        f"number, got {value!r} ({_type_name(value)}).")
-    return out
   if isinstance(default, str):
     if not isinstance(value, str):
-      raise ConfigError(f"config key {key!r} (method {method!r}) must be a "
-                        f"string, got {value!r} ({_type_name(value)}).")
+      raise ConfigError(f"config key {key!r}{context} must be a string, got "
+                        f"{value!r} ({_type_name(value)}).")
     return value
   if isinstance(default, tuple):
     def to_tuple(v):
       return tuple(to_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
     if not isinstance(value, (list, tuple)):
-      raise ConfigError(f"config key {key!r} (method {method!r}) must be a "
-                        f"list like {list(default)!r}, got {value!r}.")
+      raise ConfigError(f"config key {key!r}{context} must be a list like "
+                        f"{list(default)!r}, got {value!r}.")
     return to_tuple(value)
+  for kind_type, kind in _HPARAM_KINDS:
+    if isinstance(default, kind_type):
+      return _config_base.coerce(key, Field(default=default, kind=kind,
+                                            doc=""), value, context=context)
   return value
 
 

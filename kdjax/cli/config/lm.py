@@ -10,13 +10,12 @@ library and PyYAML only: the config is read before JAX is imported.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
 from kdjax.cli import runs
 from kdjax.cli.config import base as _config_base
-from kdjax.cli.config import image_schema as _schema
+from kdjax.cli.config import sections as _sections
 from kdjax.cli.config.base import ConfigError
 from kdjax.cli.config.base import Field
 
@@ -46,11 +45,6 @@ def _model_section(size: str, doc: str) -> dict:
                       "family's ModelConfig); vocab_size: the model's "
                       "embedding rows (default: the tokenizer's vocabulary)"),
   }
-
-
-def _with_defaults(section: Mapping[str, Field], **defaults) -> dict:
-  return {k: (dataclasses.replace(v, default=defaults[k]) if k in defaults
-              else v) for k, v in section.items()}
 
 
 LM_SCHEMA: dict = {
@@ -144,13 +138,13 @@ LM_SCHEMA: dict = {
                        nullable=True,
                        choices=("float32", "bfloat16", "float16")),
     },
-    "optimizer": _with_defaults(_schema.SCHEMA["optimizer"], lr=3e-3,
+    "optimizer": _sections.with_defaults(_sections.OPTIMIZER, lr=3e-3,
                                 weight_decay=0.01, warmup_steps=10,
                                 grad_clip=1.0),
     "train": {
         "steps": Field(200, "int", "optimizer steps", minimum=1),
-        **{k: v for k, v in _with_defaults(
-            _schema.SCHEMA["train"], log_every=10).items()
+        **{k: v for k, v in _sections.with_defaults(
+            _sections.TRAIN, log_every=10).items()
            if k not in ("steps", "epochs")},
     },
     "distill": {
@@ -199,7 +193,8 @@ LM_SCHEMA: dict = {
                               "config.json and model.safetensors of a "
                               "directory this run did not write"),
     },
-    "checkpoint": _with_defaults(_schema.SCHEMA["checkpoint"], save_every=100),
+    "checkpoint": _sections.with_defaults(_sections.CHECKPOINT,
+                                          save_every=100),
     "eval": {
         "divergence": Field("kl", "str", "the teacher-student divergence "
                             "reported by lm eval (temperature 1, mean over "
