@@ -14,7 +14,8 @@ checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
 ``save_hf_checkpoint``); a registry of the LM objectives picked by name
 (``get_lm_objective``, ``build_lm_loss``, ``build_lm_objective_step``).
 The pieces of a training run outside the command line: tokenizers (``Tokenizer``: bytes, a ``tokenizer.json``, a BPE trained by
-``train_bpe``; ``check_same_tokenizer``), token windows of texts and resumable
+``train_bpe``; ``check_same_tokenizer``), prompt–completion and chat datasets
+in JSONL or Parquet (``read_records``), token windows of texts and resumable
 shuffled batches (``token_windows``, ``LMBatches``), and a model bundled with
 its apply, lean-apply and generation functions (``LMModel``:
 ``decoder_lm_model``, ``tunix_lm_model``; ``NNXParams``).
@@ -49,6 +50,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._objectives": ("LM_OBJECTIVES", "LMObjectiveSpec", "build_lm_loss",
         "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
+    "._records": ("Record", "RecordError", "RecordSet", "read_records"),
     "._tokenizer": ("TOKENIZER_FILE", "SpecialTokenError", "Tokenizer", "TokenizerError",
         "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
         "load_tokenizer", "tokenizer_from_json", "train_bpe"),
@@ -89,6 +91,7 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       LM_OBJECTIVES, LMObjectiveSpec, build_lm_loss, build_lm_objective_step,
       get_lm_objective, lm_objectives_table)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
+  from kdjax.lm._records import Record, RecordError, RecordSet, read_records
   from kdjax.lm._tokenizer import (
       TOKENIZER_FILE, SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
       byte_tokenizer, check_same_tokenizer, load_tokenizer,
