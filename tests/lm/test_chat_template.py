@@ -112,6 +112,11 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "Calling add(2, 3)."},
         {"role": "tool", "content": "5"},
         {"role": "assistant", "content": "It is 5."}],
+    # A span that starts inside a character split over byte tokens (the
+    # crab is not in the BPE's texts): the first token holding it is in.
+    "split_character": [
+        {"role": "user", "content": "Draw a crab."},
+        {"role": "assistant", "content": "🦀 is a crab."}],
     "ends_with_user": [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
@@ -364,10 +369,11 @@ def test_template_errors(kd_tokenizer):
 
 
 def test_sandbox_blocks_unsafe_access(kd_tokenizer):
-  with pytest.raises(Exception, match="unsafe|access"):
-    lm.apply_chat_template(
-        kd_tokenizer, CONVERSATIONS["single"],
-        "{{ messages.__class__.__mro__[1].__subclasses__() }}")
+  # ImmutableSandboxedEnvironment: no dunder attributes, no mutation.
+  for source in ("{{ messages.__class__.__mro__ }}",
+                 "{{ messages.append(1) }}"):
+    with pytest.raises(lm.ChatTemplateError, match="is unsafe"):
+      lm.apply_chat_template(kd_tokenizer, CONVERSATIONS["single"], source)
 
 
 # -----------------------------------------------------------------------------
