@@ -40,7 +40,9 @@ Both renderings must be prefixes of the conversation's rendering; a template
 that rewrites earlier turns (Qwen3 drops the reasoning of turns before the
 last user message) raises :class:`ChatTemplateError` naming the message. For a
 template whose ``{% generation %}`` block covers exactly that, both ways give
-the same mask; only the marker way is transformers'.
+the same mask; only the marker way is transformers'. With
+``last_turn_only=True`` only the last assistant message is masked (and
+rendered apart), which every template allows: one example a turn.
 
 :func:`encode_prompt_completion` turns a plain prompt–completion pair into the
 same :class:`ChatEncoding` (``[BOS] + prompt + completion + [EOS]``, the mask
@@ -366,12 +368,12 @@ def _variables_for(template: ChatTemplate, bos_token: Optional[str],
 
 
 def _prefix_spans(template: ChatTemplate, messages: Messages, text: str,
-                  variables: Mapping[str, Any]) -> list[tuple[int, int]]:
+                  variables: Mapping[str, Any], last_turn_only: bool
+                  ) -> list[tuple[int, int]]:
   """The assistant spans of a template without markers (module docstring)."""
   spans = []
-  for i, message in enumerate(messages):
-    if message.get("role") != "assistant":
-      continue
+  turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+  for i in turns[-1:] if last_turn_only else turns:
     before, _ = _render(template, messages[:i], True, variables)
     through, _ = _render(template, messages[:i + 1], False, variables)
     if not (through.startswith(before) and text.startswith(through)):
@@ -382,7 +384,9 @@ def _prefix_spans(template: ChatTemplate, messages: Messages, text: str,
           "prefixes of the conversation's rendering (the template rewrites "
           "earlier turns, e.g. drops their reasoning). Add {% generation %}"
           " ... {% endgeneration %} around the assistant's output in the "
-          "template, or split the conversation.")
+          "template, or mask the last assistant turn only "
+          "(last_turn_only=True), one example a turn: messages[:j + 1] for "
+          "each assistant message j.")
     spans.append((len(before), len(through)))
   return spans
 
@@ -420,6 +424,7 @@ def apply_chat_template(tokenizer: Any, messages: Messages,
                         bos_token: Optional[str] = None,
                         eos_token: Optional[str] = None,
                         mask: str = "auto",
+                        last_turn_only: bool = False,
                         template_kwargs: Optional[Mapping[str, Any]] = None
                         ) -> ChatEncoding:
   """A conversation rendered, tokenized and masked (see the module docstring).
@@ -437,6 +442,11 @@ def apply_chat_template(tokenizer: Any, messages: Messages,
     mask: ``"auto"`` (the ``{% generation %}`` spans when the template has
       the tag, else the prefix spans), ``"generation"`` (the tag's spans;
       a template without it raises) or ``"prefix"`` (the prefix spans).
+    last_turn_only: mask only the last assistant message (with the prefix
+      spans: the only one rendered apart, so templates that rewrite earlier
+      turns, as Qwen3's, work; one example a turn is then
+      ``messages[:j + 1]`` for each assistant message ``j``) or, with the
+      tag, only its last span.
     template_kwargs: more template variables (e.g. ``enable_thinking``).
 
   Returns:
@@ -462,7 +472,10 @@ def apply_chat_template(tokenizer: Any, messages: Messages,
         f"the chat template of {template.origin} has no {{% generation %}} "
         "tag; use mask='prefix' (or 'auto').")
   if mask == "prefix" or (mask == "auto" and not markers):
-    spans = _prefix_spans(template, messages, text, variables)
+    spans = _prefix_spans(template, messages, text, variables,
+                          last_turn_only)
+  elif last_turn_only:
+    spans = spans[-1:]
   ids, offsets = _ids_and_offsets(tokenizer, text)
   return ChatEncoding(ids, _mask(len(ids), offsets, spans, len(text)), text,
                       tuple(spans))

@@ -264,6 +264,15 @@ def test_prefix_spans_equal_marker_spans(hf_dirs, kd_tokenizer, template,
   assert fallback.text == with_markers.text
   assert fallback.spans == with_markers.spans
   assert fallback.assistant_mask == with_markers.assistant_mask
+  last = lm.apply_chat_template(
+      kd_tokenizer, messages, plain, add_generation_prompt=gen_prompt,
+      template_kwargs=DATE, last_turn_only=True)
+  last_marked = lm.apply_chat_template(
+      kd_tokenizer, messages, chat_template, add_generation_prompt=gen_prompt,
+      template_kwargs=DATE, last_turn_only=True)
+  assert last.spans == last_marked.spans == with_markers.spans[-1:]
+  assert last.assistant_mask == last_marked.assistant_mask
+  assert sum(last.assistant_mask) == len(with_markers.turns()[-1][1])
   prefix_on_markers = lm.apply_chat_template(
       kd_tokenizer, messages, chat_template,
       add_generation_prompt=gen_prompt, template_kwargs=DATE, mask="prefix")
@@ -304,6 +313,16 @@ def test_template_rewriting_earlier_turns_raises(kd_tokenizer):
   with pytest.raises(lm.ChatTemplateError, match="assistant message 2"):
     lm.apply_chat_template(kd_tokenizer,
                            CONVERSATIONS["system_multi_turn"], template)
+  # One example a turn: the last assistant message of each prefix.
+  messages = CONVERSATIONS["system_multi_turn"]
+  for j, want in ((2, "Seven.<|im_end|>\n"),
+                  (4, "  Eleven, naïvely 🌍.  <|im_end|>\n")):
+    enc = lm.apply_chat_template(kd_tokenizer, messages[:j + 1], template,
+                                 last_turn_only=True)
+    (a, b), = enc.spans
+    assert enc.text[a:b] == want and b == len(enc.text)
+    (prompt, completion), = enc.turns()
+    assert prompt + completion == enc.ids
   with pytest.raises(lm.ChatTemplateError, match="no {% generation %} tag"):
     lm.apply_chat_template(kd_tokenizer, CONVERSATIONS["single"], template,
                            mask="generation")
