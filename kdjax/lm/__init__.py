@@ -14,7 +14,10 @@ checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
 ``save_hf_checkpoint``); a registry of the LM objectives picked by name
 (``get_lm_objective``, ``build_lm_loss``, ``build_lm_objective_step``).
 The pieces of a training run outside the command line: tokenizers (``Tokenizer``: bytes, a ``tokenizer.json``, a BPE trained by
-``train_bpe``; ``check_same_tokenizer``), token windows of texts and resumable
+``train_bpe``; ``check_same_tokenizer``), prompt–completion and chat datasets
+in JSONL or Parquet (``read_records``) and chat templates rendered as Hugging
+Face renders them, with assistant masks (``load_chat_template``,
+``apply_chat_template``, ``encode_prompt_completion``), token windows of texts and resumable
 shuffled batches (``token_windows``, ``LMBatches``), and a model bundled with
 its apply, lean-apply and generation functions (``LMModel``:
 ``decoder_lm_model``, ``tunix_lm_model``; ``NNXParams``).
@@ -27,6 +30,9 @@ from kdjax import _lazy
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._batches": ("BatchSizeError", "LMBatches", "padded_eval_batches",
         "prompt_batch", "token_windows"),
+    "._chat": ("ChatEncoding", "ChatTemplate", "ChatTemplateError",
+        "apply_chat_template", "encode_prompt_completion", "encode_record",
+        "load_chat_template"),
     "._bundle": ("LMModel", "NNXParams", "VocabularySizeError",
         "decoder_lm_model", "tunix_lm_model"),
     "._cross_tokenizer": ("TEACHER_PREFIX", "PairTokenizer",
@@ -49,6 +55,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._objectives": ("LM_OBJECTIVES", "LMObjectiveSpec", "build_lm_loss",
         "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
+    "._records": ("Record", "RecordError", "RecordSet", "read_records"),
     "._tokenizer": ("TOKENIZER_FILE", "SpecialTokenError", "Tokenizer", "TokenizerError",
         "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
         "load_tokenizer", "tokenizer_from_json", "train_bpe"),
@@ -62,6 +69,9 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
   from kdjax.lm._batches import (
       BatchSizeError, LMBatches, padded_eval_batches, prompt_batch,
       token_windows)
+  from kdjax.lm._chat import (
+      ChatEncoding, ChatTemplate, ChatTemplateError, apply_chat_template,
+      encode_prompt_completion, encode_record, load_chat_template)
   from kdjax.lm._bundle import (
       LMModel, NNXParams, VocabularySizeError, decoder_lm_model,
       tunix_lm_model)
@@ -89,6 +99,7 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       LM_OBJECTIVES, LMObjectiveSpec, build_lm_loss, build_lm_objective_step,
       get_lm_objective, lm_objectives_table)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
+  from kdjax.lm._records import Record, RecordError, RecordSet, read_records
   from kdjax.lm._tokenizer import (
       TOKENIZER_FILE, SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
       byte_tokenizer, check_same_tokenizer, load_tokenizer,

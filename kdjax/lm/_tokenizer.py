@@ -126,7 +126,9 @@ class Tokenizer:
                eos_id: int, encode: Callable[[str], Sequence[int]],
                decode: Callable[[list[int]], str],
                json_text: Optional[str] = None,
-               fingerprint: Optional[str] = None):
+               fingerprint: Optional[str] = None,
+               encode_offsets: Optional[Callable[[str], tuple[
+                   Sequence[int], Sequence[tuple[int, int]]]]] = None):
     """A tokenizer from its functions.
 
     Args:
@@ -140,12 +142,16 @@ class Tokenizer:
       json_text: the ``tokenizer.json`` text that :meth:`save` writes.
       fingerprint: a digest identifying the vocabulary; default
         ``"<kind>:<vocab_size>"``.
+      encode_offsets: ``text -> (ids, offsets)`` as ``encode``, with each
+        id's ``(start, end)`` character span in ``text``; None: not
+        available (:meth:`encode_with_offsets` raises).
     """
     self.kind, self.vocab_size = kind, vocab_size
     self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
     self._encode, self._decode = encode, decode
     self.json_text = json_text
     self._fingerprint = fingerprint
+    self._encode_offsets = encode_offsets
 
   def __repr__(self) -> str:
     return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
@@ -155,6 +161,21 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     """``text`` -> ids, without special tokens."""
     return list(self._encode(text))
+
+  def encode_with_offsets(self, text: str
+                          ) -> tuple[list[int], list[tuple[int, int]]]:
+    """``(ids, offsets)``: :meth:`encode`'s ids and each one's ``(start,
+    end)`` character span in ``text`` (as ``tokenizers``' ``Encoding.offsets``;
+    for bytes, the character each byte belongs to).
+
+    Raises:
+      TypeError: a tokenizer built without ``encode_offsets``.
+    """
+    if self._encode_offsets is None:
+      raise TypeError(f"{self!r} has no character offsets (it was built "
+                      "without encode_offsets).")
+    ids, offsets = self._encode_offsets(text)
+    return list(ids), [(int(a), int(b)) for a, b in offsets]
 
   def decode(self, ids: Sequence[int]) -> str:
     """ids -> text: leading BOS dropped, cut at the first EOS, PAD and BOS
@@ -207,7 +228,17 @@ def byte_tokenizer() -> Tokenizer:
   return Tokenizer(kind="bytes", vocab_size=bt.vocab_size, pad_id=bt.pad_id,
                    bos_id=bt.bos_id, eos_id=bt.eos_id,
                    encode=lambda text: bt.encode(text, add_bos=False),
-                   decode=bt.decode)
+                   decode=bt.decode, encode_offsets=_byte_offsets)
+
+
+def _byte_offsets(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+  """UTF-8 bytes and, for each, the span of the character it encodes."""
+  ids, offsets = [], []
+  for i, char in enumerate(text):
+    data = char.encode("utf-8")
+    ids.extend(data)
+    offsets.extend([(i, i + 1)] * len(data))
+  return ids, offsets
 
 
 def _special_id(tok, token: Optional[str], candidates: Sequence[str],
@@ -272,12 +303,18 @@ def tokenizer_from_json(json_text: str, *, name: str, kind: str = "file",
   bos = eos if bos is None else bos
   vocab = sorted(tok.get_vocab(with_added_tokens=True).items())
   digest = hashlib.sha256(json.dumps([vocab, pad, bos, eos]).encode())
+
+  def encode_offsets(text):
+    encoding = tok.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
+
   return Tokenizer(
       kind=kind, vocab_size=tok.get_vocab_size(with_added_tokens=True),
       pad_id=pad, bos_id=bos, eos_id=eos,
       encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
       decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
-      json_text=json_text, fingerprint=digest.hexdigest()[:16])
+      json_text=json_text, fingerprint=digest.hexdigest()[:16],
+      encode_offsets=encode_offsets)
 
 
 def load_tokenizer(path: Union[str, os.PathLike], *, kind: str = "file",
