@@ -62,6 +62,12 @@ class MissingDataError(UsageError, FileNotFoundError):
   """The configured data directory or data file does not exist."""
 
 
+class DataError(UsageError, ValueError):
+  """A row of the data that cannot be used (malformed, a field missing, a
+  prompt longer than ``data.seq_len``): the message names its file and line
+  and the key to change (e.g. ``data.on_error=skip``)."""
+
+
 class BatchSizeError(UsageError, ValueError):
   """A batch size the data or devices cannot serve: larger than the dataset
   (or a process's shard), or not divisible by the number of devices."""

@@ -38,6 +38,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._cross_tokenizer": ("TEACHER_PREFIX", "PairTokenizer",
         "make_cross_tokenizer_batch", "make_teacher_lm_apply", "make_uld_loss",
         "uld_term"),
+    "._examples": ("EXAMPLE_REASONS", "ExampleError", "TokenExamples",
+        "record_examples", "record_texts"),
     "._data": ("ByteTokenizer", "iterate_batches", "make_lm_batch",
         "text_examples"),
     "._distill": ("MASK_KEY", "TARGET_KEY", "align_vocab", "build_lm_step_fn",
@@ -72,6 +74,9 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
   from kdjax.lm._chat import (
       ChatEncoding, ChatTemplate, ChatTemplateError, apply_chat_template,
       encode_prompt_completion, encode_record, load_chat_template)
+  from kdjax.lm._examples import (
+      EXAMPLE_REASONS, ExampleError, TokenExamples, record_examples,
+      record_texts)
   from kdjax.lm._bundle import (
       LMModel, NNXParams, VocabularySizeError, decoder_lm_model,
       tunix_lm_model)

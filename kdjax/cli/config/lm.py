@@ -55,23 +55,63 @@ LM_SCHEMA: dict = {
                   "sampling", minimum=0),
     "data": {
         "corpus": Field("stdlib", "str", "stdlib: the Python standard "
-                        "library's own .py sources (sysconfig's stdlib path; "
-                        "sorted, deterministic); files: data.paths",
-                        choices=("stdlib", "files")),
-        "paths": Field([], "strs", "corpus: files: text files or directories "
-                       "(searched recursively for data.pattern)"),
+                        "library's own .py sources as text (sysconfig's "
+                        "stdlib path; sorted, deterministic); "
+                        "stdlib_functions: its documented functions as "
+                        "instructions, prompt = signature + docstring, "
+                        "completion = body, held-out modules never trained "
+                        "on (kdjax.lm.stdlib_function_records); files: "
+                        "data.paths in data.format",
+                        choices=("stdlib", "stdlib_functions", "files")),
+        "paths": Field([], "strs", "corpus: files: files or directories "
+                       "(text: searched recursively for data.pattern; "
+                       "jsonl/parquet: for their extensions)"),
+        "format": Field("text", "str", "corpus: files: text: plain text cut "
+                        "into windows of seq_len + 1 tokens (the first "
+                        "prompt_len are the prompt); jsonl, parquet: rows of "
+                        "prompt/completion strings or chat messages (role, "
+                        "content), one example each (a conversation: one per "
+                        "assistant turn, rendered with the chat template), "
+                        "the loss on the completion (assistant) tokens only; "
+                        "auto: jsonl or parquet by each file's extension",
+                        choices=("text", "jsonl", "parquet", "auto")),
+        "eval_paths": Field([], "strs", "format jsonl/parquet: the held-out "
+                            "files (default: every eval_every-th row of "
+                            "data.paths)"),
+        "prompt_field": Field("prompt", "str", "format jsonl/parquet: the "
+                              "prompt's field"),
+        "completion_field": Field("completion", "str", "format jsonl/parquet:"
+                                  " the completion's field"),
+        "messages_field": Field("messages", "str", "format jsonl/parquet: the "
+                                "conversation's field (a list of {role, "
+                                "content})"),
+        "on_error": Field("fail", "str", "a malformed row, a missing field, "
+                          "an empty completion, a prompt longer than seq_len:"
+                          " fail (naming file and line) or skip (counted and "
+                          "reported)", choices=("fail", "skip")),
+        "chat_template": Field(None, "str", "conversations: the chat template"
+                               " (a .jinja file, a tokenizer_config.json or a "
+                               "Hugging Face directory); default: the "
+                               "tokenizer's directory (tokenizer.path or "
+                               "teacher.hf_path)", nullable=True),
+        "last_turn_only": Field(False, "bool", "conversations: one example "
+                                "each, its last assistant turn (needed for "
+                                "templates that rewrite earlier turns, as "
+                                "Qwen3's drops earlier reasoning)"),
         "pattern": Field("*.py", "str", "file-name pattern of the files read "
                          "from a directory"),
         "max_files": Field(400, "int", "read only the first N files (in "
                            "sorted path order)", nullable=True, minimum=1),
         "max_file_bytes": Field(65536, "int", "read only the first N bytes "
                                 "of each file", nullable=True, minimum=1),
-        "eval_every": Field(10, "int", "held-out split by file: every N-th "
-                            "file (sorted order) is held out", minimum=2),
+        "eval_every": Field(10, "int", "held-out split: every N-th file "
+                            "(sorted order) of a text corpus, every N-th row "
+                            "of jsonl/parquet without eval_paths", minimum=2),
         "seq_len": Field(64, "int", "tokens per training sequence", minimum=2),
-        "prompt_len": Field(16, "int", "the first tokens of each sequence are "
-                            "its prompt (no loss on them; GKD and sequence KD "
-                            "continue them)", minimum=1),
+        "prompt_len": Field(16, "int", "format text: the first tokens of each "
+                            "window are its prompt (no loss on them; GKD and "
+                            "sequence KD continue them); records have their "
+                            "own prompts", minimum=1),
         "batch_size": Field(16, "int", "sequences per step", minimum=1),
         "eval_batch_size": Field(32, "int", "sequences per eval batch",
                                  minimum=1),
@@ -264,6 +304,11 @@ def validate(config: dict) -> dict:
   if data["corpus"] == "files" and not data["paths"]:
     raise ConfigError("config key 'data.paths' must list files or "
                       "directories for data.corpus: files.")
+  if data["eval_paths"] and not (data["corpus"] == "files"
+                                 and data["format"] != "text"):
+    raise ConfigError("config key 'data.eval_paths' is for data.corpus: "
+                      "files with data.format jsonl, parquet or auto; a text "
+                      "corpus holds out every data.eval_every-th file.")
   if tok["kind"] == "file" and not tok["path"]:
     raise ConfigError("config key 'tokenizer.path' must name a "
                       "tokenizer.json for tokenizer.kind: file.")

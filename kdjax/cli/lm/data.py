@@ -91,7 +91,10 @@ def corpus_files(data: Mapping[str, Any]) -> list[str]:
 
 
 def read_corpus(data: Mapping[str, Any]) -> dict:
-  """``{"train": [texts], "eval": [texts], "files": {...}}`` split by file."""
+  """``{"train": [texts], "eval": [texts], "files": {...}}`` split by file
+  (records: :func:`read_records`)."""
+  if is_records(data):
+    return read_records(data)
   files = corpus_files(data)
   texts = {"train": [], "eval": []}
   names = {"train": [], "eval": []}
@@ -103,6 +106,73 @@ def read_corpus(data: Mapping[str, Any]) -> dict:
     texts[split].append(raw.decode("utf-8", errors="replace"))
     names[split].append(path)
   return {**texts, "files": names}
+
+
+def is_records(data: Mapping[str, Any]) -> bool:
+  """Whether the corpus is records (one example each), not text windows."""
+  return data["corpus"] == "stdlib_functions" or (
+      data["corpus"] == "files" and data["format"] != "text")
+
+
+def _read_record_files(paths, data: Mapping[str, Any], key: str):
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  try:
+    return lm.read_records(
+        list(paths), format=data["format"],
+        prompt_field=data["prompt_field"],
+        completion_field=data["completion_field"],
+        messages_field=data["messages_field"], on_error=data["on_error"])
+  except lm.RecordError as e:
+    raise errors.DataError(f"{e} (config key 'data.on_error')") from None
+  except FileNotFoundError as e:
+    raise errors.MissingDataError(f"config key {key!r}: {e}") from None
+  except ValueError as e:
+    raise ConfigError(f"config key 'data.format': {e}") from None
+
+
+def read_records(data: Mapping[str, Any]) -> dict:
+  """The record corpus: ``{"records": {"train": [...], "eval": [...]},
+  "train"/"eval": their texts, "files": {...}, "skipped": [lines]}``.
+
+  ``stdlib_functions``: the train and validation modules of
+  :func:`kdjax.lm.stdlib_function_records` (the first ``data.max_files``
+  modules); files: the rows of ``data.paths``, held out ``data.eval_paths``
+  or every ``data.eval_every``-th row.
+  """
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  skipped = []
+  if data["corpus"] == "stdlib_functions":
+    sets = {split: lm.stdlib_function_records(split, max_modules=data[
+        "max_files"]) for split in ("train", "validation")}
+    train, held = list(sets["train"]), list(sets["validation"])
+    for split, rs in sets.items():
+      if rs.num_skipped:
+        skipped.append(f"stdlib {split}: {rs.skipped_summary()}")
+  else:
+    rows = _read_record_files(data["paths"], data, "data.paths")
+    if rows.num_skipped:
+      skipped.append(f"data.paths: {rows.skipped_summary()}")
+    if data["eval_paths"]:
+      held_rows = _read_record_files(data["eval_paths"], data,
+                                     "data.eval_paths")
+      if held_rows.num_skipped:
+        skipped.append(f"data.eval_paths: {held_rows.skipped_summary()}")
+      train, held = list(rows), list(held_rows)
+    else:
+      k = data["eval_every"]
+      train = [r for i, r in enumerate(rows) if i % k != k - 1]
+      held = [r for i, r in enumerate(rows) if i % k == k - 1]
+  for split, records in (("training", train), ("held-out", held)):
+    if not records:
+      raise errors.MissingDataError(
+          f"the {split} split has no record (data.corpus "
+          f"{data['corpus']}, data.paths {list(data['paths'])}); add rows, "
+          "give data.eval_paths or lower data.eval_every.")
+  files = {split: sorted({r.path for r in records})
+           for split, records in (("train", train), ("eval", held))}
+  return {"train": lm.record_texts(train), "eval": lm.record_texts(held),
+          "files": files, "records": {"train": train, "eval": held},
+          "skipped": skipped}
 
 
 def corpus_fingerprint(corpus: Mapping[str, Any]) -> str:
@@ -187,7 +257,7 @@ def build_tokenizer(config: Mapping[str, Any], corpus: Optional[Mapping] = None,
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tokenizer.save(os.path.dirname(path) or ".")
   out(f"[lm] trained a byte-level BPE tokenizer ({tc['vocab_size']} ids) "
-      f"on {len(corpus['train'])} training files: {path}")
+      f"on the training data ({len(corpus['files']['train'])} files): {path}")
   return tokenizer
 
 
@@ -334,16 +404,79 @@ class LMData:
   batches: Optional["lm.LMBatches"]
 
 
+def chat_template(config: Mapping[str, Any]) -> "lm.ChatTemplate":
+  """The chat template of the conversations: ``data.chat_template``, else
+  the tokenizer's directory (``teacher.hf_path``, or ``tokenizer.path`` of
+  ``tokenizer.kind: file``)."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  d, tc = config["data"], config["tokenizer"]
+  source = d["chat_template"] or config["teacher"]["hf_path"] or (
+      tc["path"] if tc["kind"] == "file" else None)
+  if source is None:
+    raise ConfigError(
+        "config key 'data.chat_template': the data holds conversations; give "
+        "their chat template (a .jinja file, a tokenizer_config.json or a "
+        "Hugging Face directory), or use the tokenizer of a Hugging Face "
+        "directory (tokenizer.kind: file).")
+  if os.path.isfile(source) and source.endswith(lm.TOKENIZER_FILE):
+    source = os.path.dirname(source) or "."
+  try:
+    return lm.load_chat_template(source)
+  except (OSError, lm.ChatTemplateError) as e:
+    raise ConfigError(f"config key 'data.chat_template': {e}") from None
+
+
+def token_examples(config: Mapping[str, Any], records, tokenizer,
+                   template) -> "lm.TokenExamples":
+  """:func:`kdjax.lm.record_examples` of ``records``, its errors naming the
+  config keys."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  d = config["data"]
+  try:
+    return lm.record_examples(records, tokenizer, d["seq_len"],
+                              template=template,
+                              last_turn_only=d["last_turn_only"],
+                              on_error=d["on_error"])
+  except lm.ExampleError as e:
+    raise errors.DataError(f"{e} (config keys 'data.seq_len', "
+                           "'data.on_error')") from None
+
+
+def _record_sequences(config: Mapping[str, Any], corpus: Mapping[str, Any],
+                      tokenizer, train: bool,
+                      out: Callable[[str], None]) -> tuple[tuple, tuple]:
+  """The held-out and training ``(prompts, completions)`` of a record
+  corpus (the first ``max_eval_sequences`` / ``max_train_sequences``)."""
+  d = config["data"]
+  records = corpus["records"]
+  chats = any(r.is_chat for split in records.values() for r in split)
+  template = chat_template(config) if chats else None
+  splits = ("eval", "train") if train else ("eval",)
+  found = {}
+  for split in splits:
+    ex = token_examples(config, records[split], tokenizer, template)
+    cap = d["max_eval_sequences" if split == "eval" else "max_train_sequences"]
+    found[split] = (ex.prompts[:cap], ex.completions[:cap])
+    out(f"[lm] {'held-out' if split == 'eval' else 'training'} data: "
+        f"{len(records[split])} records -> {ex.summary()}"
+        + (f"; using the first {cap}" if cap and len(ex) > cap else ""))
+  for line in corpus.get("skipped", ()):
+    out(f"[lm] {line}")
+  return found["eval"], found.get("train", ((), ()))
+
+
 def load_data(config: Mapping[str, Any],
               tokenizer: Optional["lm.Tokenizer"] = None, *,
               train: bool = True, teacher: bool = False,
               teacher_dir: Optional[str] = None,
               out: Callable[[str], None] = print) -> LMData:
   """The data phase: corpus, tokenizer (``tokenizer``: a run's own; default:
-  the experiment's, :func:`build_tokenizer`), held-out windows and, with
-  ``train``, the training windows and batches. With ``teacher``, the
-  teacher (``teacher.hf_path``, else the run in ``teacher_dir``) must be on
-  disk (checked before any file is read) and tokenize alike."""
+  the experiment's, :func:`build_tokenizer`), held-out sequences and, with
+  ``train``, the training sequences and batches: windows of a text corpus,
+  one example per record (per assistant turn of a conversation) otherwise.
+  With ``teacher``, the teacher (``teacher.hf_path``, else the run in
+  ``teacher_dir``) must be on disk (checked before any file is read) and
+  tokenize alike."""
   from kdjax import lm  # pylint: disable=g-import-not-at-top
   if teacher:
     check_teacher_exists(config, teacher_dir)
@@ -353,17 +486,26 @@ def load_data(config: Mapping[str, Any],
     tokenizer = build_tokenizer(config, corpus, out)
   if teacher:
     check_teacher_tokenizer(config, tokenizer, teacher_dir)
-  held_out = lm.token_windows(corpus["eval"], tokenizer, d["seq_len"],
-                              d["prompt_len"], d["max_eval_sequences"])
+  if "records" in corpus:
+    held_out, train_seqs = _record_sequences(config, corpus, tokenizer, train,
+                                             out)
+  else:
+    held_out = lm.token_windows(corpus["eval"], tokenizer, d["seq_len"],
+                                d["prompt_len"], d["max_eval_sequences"])
+    train_seqs = ((), ())
+    if train:
+      train_seqs = lm.token_windows(corpus["train"], tokenizer, d["seq_len"],
+                                    d["prompt_len"], d["max_train_sequences"])
   if not held_out[0]:
     raise errors.MissingDataError(
-        f"the held-out files ({len(corpus['eval'])}) hold no sequence of "
-        f"{d['seq_len'] + 1} tokens; add files or lower data.seq_len.")
-  train_seqs, batches = ((), None)
+        f"the held-out data ({len(corpus['files']['eval'])} files) holds no "
+        f"sequence of {d['seq_len'] + 1} tokens; add data or lower "
+        "data.seq_len.")
+  batches = None
   if train:
-    train_seqs = lm.token_windows(corpus["train"], tokenizer, d["seq_len"],
-                                  d["prompt_len"], d["max_train_sequences"])
     batches = train_batches(*train_seqs, d["batch_size"], d["seq_len"],
                             tokenizer.pad_id, config["seed"])
+  else:
+    train_seqs = ()
   return LMData(corpus=corpus, tokenizer=tokenizer, train=train_seqs,
                 held_out=held_out, batches=batches)

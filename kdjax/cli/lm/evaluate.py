@@ -124,7 +124,7 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
               "model": model.description,
               "params": _lm_models.param_count(variables),
               "teacher": None if teacher is None else teacher.path,
-              "held_out_files": len(data.corpus["eval"]),
+              "held_out_files": len(data.corpus["files"]["eval"]),
               "held_out_sequences": len(data.held_out[0]),
               "eval_s": time.perf_counter() - t0, **report}
     runs.write_json(os.path.join(run_dir, runs.EVAL_FILE), result)
@@ -168,7 +168,7 @@ def evaluate_hf(hf_dir: str, config_paths: Sequence[str] = (), *,
   result = {"hf": os.path.abspath(hf_dir), "model": model.description,
             "params": _lm_models.param_count(model.variables),
             "teacher": None if teacher is None else teacher.path,
-            "held_out_files": len(data.corpus["eval"]),
+            "held_out_files": len(data.corpus["files"]["eval"]),
             "held_out_sequences": len(data.held_out[0]),
             "eval_s": time.perf_counter() - t0, **report}
   div = config["eval"]["divergence"]

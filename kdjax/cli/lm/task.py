@@ -155,7 +155,7 @@ def train(config: dict, *, command: str, side: str, run_dir: str,
       f"{objective}" + (f", teacher {teacher.path}" if teacher else "")
       + f"; {steps} steps of {d['batch_size']} x {d['seq_len']} tokens "
       f"({epochs:.2f} epochs of {len(data.train[0])} sequences from "
-      f"{len(data.corpus['train'])} files); run dir {run_dir}")
+      f"{len(data.corpus['files']['train'])} files); run dir {run_dir}")
   teacher_variables = None if teacher is None else teacher.variables
   job = _trainer.Job(
       command=command, run_dir=run_dir, model=side, method=objective,
@@ -164,7 +164,7 @@ def train(config: dict, *, command: str, side: str, run_dir: str,
       batch_size=d["batch_size"], schedule=obj.schedule, evaluate=evaluate,
       train_config=config["train"], describe=describe,
       eval_description=(f"{evaluate.num_sequences} held-out sequences of "
-                        f"{len(data.corpus['eval'])} files"))
+                        f"{len(data.corpus['files']['eval'])} files"))
   ckpt = _trainer.open_checkpointer(run_dir, config, teacher=teacher_variables)
   status = _trainer.run(job, ckpt, out)
   if status == 0 and side == "student" and config["distill"]["hf_out"]:

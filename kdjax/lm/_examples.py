@@ -1,0 +1,189 @@
+"""Records as token examples: the ``(prompt, completion)`` id pairs of
+:class:`kdjax.lm.LMBatches` and :func:`kdjax.lm.padded_eval_batches`.
+
+:func:`record_examples` tokenizes :class:`kdjax.lm.Record` s (from
+:func:`kdjax.lm.read_records` or :func:`kdjax.lm.stdlib_function_records`):
+
+* a prompt–completion pair by :func:`kdjax.lm.encode_prompt_completion`:
+  ``([BOS] + prompt, completion + [EOS])``;
+* a conversation by :func:`kdjax.lm.apply_chat_template` with the model's
+  chat template: one example per assistant turn, ``(everything before the
+  turn, the turn's tokens)`` (:meth:`kdjax.lm.ChatEncoding.turns`), so the
+  loss covers the assistant tokens only.
+
+An example must fit ``seq_len`` (the length of a batch row): a prompt of more
+than ``seq_len`` ids leaves no completion token to learn and is refused
+(:class:`ExampleError`, naming the record's file and line, and the
+``seq_len`` to raise) or, with ``on_error="skip"``, skipped and counted; a
+completion that runs past ``seq_len + 1`` ids is cut there, as
+:func:`kdjax.lm.make_lm_batch` cuts it, and counted in
+:attr:`TokenExamples.truncated`. Nothing is dropped without a count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from kdjax.lm._chat import ChatTemplate
+from kdjax.lm._chat import ChatTemplateError
+from kdjax.lm._chat import apply_chat_template
+from kdjax.lm._chat import encode_prompt_completion
+from kdjax.lm._records import Record
+
+ON_ERROR = ("fail", "skip")
+
+# Why an example was skipped (TokenExamples.skipped keys), in words.
+EXAMPLE_REASONS = {
+    "prompt_too_long": "prompt longer than seq_len",
+    "template_error": "chat template error",
+    "no_loss_token": "no assistant token",
+    "late_turn": "assistant turn starting past seq_len",
+}
+
+
+class ExampleError(ValueError):
+  """A record that cannot become an example (see :func:`record_examples`).
+
+  Attributes:
+    where: the record's ``"<file>, line <n>"``.
+    reason: a key of :data:`EXAMPLE_REASONS`.
+  """
+
+  def __init__(self, message: str, *, where: str, reason: str):
+    super().__init__(message)
+    self.where = where
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenExamples:
+  """Tokenized examples and what was skipped or cut.
+
+  Attributes:
+    prompts: the prompt ids of each example (BOS, or the template's header,
+      first).
+    completions: the completion ids of each example (the loss tokens).
+    sources: each example's record, as ``"<file>, line <n>"``.
+    skipped: reason -> records skipped (``on_error="skip"``), and
+      ``"late_turn"`` -> assistant turns of kept conversations that start
+      past ``seq_len`` (always skipped: the record's earlier turns stay).
+    first_skipped: reason -> the first such record's message.
+    truncated: examples whose completion was cut at ``seq_len + 1`` ids.
+  """
+  prompts: tuple[tuple[int, ...], ...]
+  completions: tuple[tuple[int, ...], ...]
+  sources: tuple[str, ...]
+  skipped: Mapping[str, int]
+  first_skipped: Mapping[str, str]
+  truncated: int
+
+  def __len__(self) -> int:
+    return len(self.prompts)
+
+  @property
+  def num_tokens(self) -> int:
+    """Prompt and completion ids of every example (before truncation)."""
+    return sum(len(p) + len(c) for p, c in zip(self.prompts,
+                                               self.completions))
+
+  def summary(self) -> str:
+    """``"120 examples (3 truncated); skipped 2: 2 prompt longer than
+    seq_len"``."""
+    text = f"{len(self)} examples ({self.truncated} truncated)"
+    n = sum(self.skipped.values())
+    if n:
+      text += f"; skipped {n}: " + ", ".join(
+          f"{count} {EXAMPLE_REASONS.get(reason, reason)}"
+          for reason, count in sorted(self.skipped.items()))
+    return text
+
+
+def record_texts(records: Iterable[Record]) -> list[str]:
+  """The texts of records, e.g. to train a tokenizer on: ``prompt +
+  completion`` of a pair, each message's content of a conversation."""
+  texts = []
+  for r in records:
+    if r.is_chat:
+      texts.extend(str(m.get("content") or "") for m in r.messages or ())
+    else:
+      texts.append((r.prompt or "") + (r.completion or ""))
+  return texts
+
+
+def record_examples(records: Iterable[Record], tokenizer: Any, seq_len: int,
+                    *, template: Union[ChatTemplate, str, None] = None,
+                    last_turn_only: bool = False,
+                    template_kwargs: Optional[Mapping[str, Any]] = None,
+                    on_error: str = "fail") -> TokenExamples:
+  """The ``(prompt, completion)`` token examples of ``records``.
+
+  Args:
+    records: prompt–completion pairs and conversations.
+    tokenizer: a :class:`kdjax.lm.Tokenizer` (or a ``tokenizers.Tokenizer``).
+    seq_len: the batch rows' length ``L``: a prompt may have at most ``L``
+      ids; prompt + completion is cut at ``L + 1``.
+    template: the chat template (needed for conversations).
+    last_turn_only: conversations give one example, their last assistant
+      turn (see :func:`kdjax.lm.apply_chat_template`).
+    template_kwargs: more template variables.
+    on_error: ``"fail"`` (raise :class:`ExampleError`) or ``"skip"``
+      (count in :attr:`TokenExamples.skipped`).
+
+  Returns:
+    The :class:`TokenExamples`, in the order of the records (a conversation's
+    turns in order).
+  """
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
+  prompts, completions, sources = [], [], []
+  skipped: collections.Counter = collections.Counter()
+  first: dict[str, str] = {}
+  truncated = 0
+
+  def refuse(record: Record, reason: str, detail: str) -> None:
+    message = f"{record.where}: {detail}"
+    if on_error == "fail":
+      raise ExampleError(message, where=record.where, reason=reason)
+    skipped[reason] += 1
+    first.setdefault(reason, message)
+
+  for record in records:
+    try:
+      if record.is_chat:
+        if template is None:
+          raise ChatTemplateError("a conversation needs a chat template.")
+        encoding = apply_chat_template(
+            tokenizer, record.messages or (), template,
+            last_turn_only=last_turn_only, template_kwargs=template_kwargs)
+      else:
+        encoding = encode_prompt_completion(tokenizer, record.prompt or "",
+                                            record.completion or "")
+    except ChatTemplateError as e:
+      refuse(record, "template_error", str(e))
+      continue
+    pairs = encoding.turns()
+    if not pairs:
+      refuse(record, "no_loss_token", "the rendered conversation has no "
+             "assistant token (is the assistant's content empty?).")
+      continue
+    if len(pairs[0][0]) > seq_len:
+      refuse(record, "prompt_too_long",
+             f"its prompt has {len(pairs[0][0])} tokens, more than seq_len "
+             f"({seq_len}): no completion token would fit; raise seq_len "
+             "or shorten the prompt.")
+      continue
+    for prompt, completion in pairs:
+      if len(prompt) > seq_len:  # the earlier turns of the record are kept
+        skipped["late_turn"] += 1
+        first.setdefault("late_turn", f"{record.where}: an assistant turn "
+                         f"starts at token {len(prompt)}, past seq_len "
+                         f"({seq_len}).")
+        continue
+      truncated += len(prompt) + len(completion) > seq_len + 1
+      prompts.append(tuple(prompt))
+      completions.append(tuple(completion))
+      sources.append(record.where)
+  return TokenExamples(tuple(prompts), tuple(completions), tuple(sources),
+                       dict(skipped), first, truncated)

@@ -1,0 +1,197 @@
+"""``kdjax lm`` on prompt–completion and chat files (data.format jsonl /
+parquet): the loss covers the completion (assistant) tokens only, bad rows
+are named by file and line, skipped rows are counted."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kdjax import lm
+from kdjax.cli import errors
+from kdjax.cli.config import lm as _lm_config
+from kdjax.cli.lm import data as _lm_data
+from kdjax.cli.main import main
+
+tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("jinja2")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
+LM_TINY = os.path.join(REPO_ROOT, "experiments", "configs", "lm_tiny.yaml")
+
+CHATML = (
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.role == 'assistant' %}{% generation %}"
+    "{{- m.content + '<|im_end|>' }}{% endgeneration %}"
+    "{%- else %}{{- m.content + '<|im_end|>' }}{%- endif %}"
+    "{{- '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}")
+
+
+def _pairs(n):
+  return [{"prompt": f"def add_{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n",
+           "completion": f"    return x + {i}\n"} for i in range(n)]
+
+
+def _write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def _config(root, *sets):
+  return _lm_config.load_config([LM_TINY], [
+      f"output_dir={root}", "data.corpus=files", *sets])
+
+
+def _quiet(_):
+  pass
+
+
+def test_prompt_completion_rows_train_on_the_completion(tmp_path):
+  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
+  config = _config(tmp_path / "run", "data.format=jsonl",
+                   f"data.paths=[{path}]", "data.eval_every=5")
+  data = _lm_data.load_data(config, out=_quiet)
+  assert len(data.train[0]) == 32 and len(data.held_out[0]) == 8
+  tok = data.tokenizer
+  # Every row's loss covers exactly its completion and EOS.
+  completions = {tuple(tok.encode(r["completion"]) + [tok.eos_id])
+                 for r in _pairs(40)}
+  batch = data.batches.batch_at(0)
+  for targets, mask in zip(batch["targets"], batch["loss_mask"]):
+    assert tuple(int(t) for t in targets[mask > 0]) in completions
+  # Held out: every 5th row, never trained on.
+  assert tok.decode(list(data.held_out[1][0])).strip() == "return x + 4"
+
+
+def test_parquet_and_eval_paths(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  rows = _pairs(12)
+  pq.write_table(pa.Table.from_pylist(rows[:10]), tmp_path / "train.parquet")
+  held = _write_jsonl(tmp_path / "held.jsonl", rows[10:])
+  config = _config(tmp_path / "run", "data.format=auto",
+                   f"data.paths=[{tmp_path / 'train.parquet'}]",
+                   f"data.eval_paths=[{held}]", "data.batch_size=4")
+  data = _lm_data.load_data(config, out=_quiet)
+  assert len(data.train[0]) == 10 and len(data.held_out[0]) == 2
+  assert data.corpus["files"]["eval"] == [held]
+
+
+def _chat_dir(tmp_path):
+  texts = ["What is two plus three? It is five. Name a prime: seven."] * 8
+  tok = tokenizers.Tokenizer.from_str(lm.train_bpe(texts, 300))
+  tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+  d = tmp_path / "hf_tok"
+  d.mkdir()
+  (d / "tokenizer.json").write_text(tok.to_str())
+  (d / "tokenizer_config.json").write_text(json.dumps({
+      "chat_template": CHATML, "eos_token": "<|im_end|>"}))
+  return str(d)
+
+
+def test_chat_rows_train_on_the_assistant_turns(tmp_path):
+  tok_dir = _chat_dir(tmp_path)
+  chats = [{"messages": [
+      {"role": "system", "content": "Answer briefly."},
+      {"role": "user", "content": f"What is {i} plus three?"},
+      {"role": "assistant", "content": f"It is {i + 3}."},
+      {"role": "user", "content": "Name a prime."},
+      {"role": "assistant", "content": "seven"}]} for i in range(10)]
+  path = _write_jsonl(tmp_path / "chat.jsonl", chats)
+  config = _config(tmp_path / "run", "data.format=jsonl",
+                   f"data.paths=[{path}]", "data.seq_len=256",
+                   "tokenizer.kind=file", f"tokenizer.path={tok_dir}",
+                   "tokenizer.eos_token=<|im_end|>", "data.batch_size=4")
+  data = _lm_data.load_data(config, out=_quiet)
+  # Two examples per conversation (one per assistant turn), in order.
+  assert len(data.train[0]) == 18 and len(data.held_out[0]) == 2
+  tok = data.tokenizer
+  texts = [tok.decode(list(c)) for c in data.train[1][:2]]
+  assert texts[0].startswith("It is 3.") and texts[1].startswith("seven")
+  # The loss tokens decode to assistant text only.
+  batch = data.batches.batch_at(0)
+  for targets, mask in zip(batch["targets"], batch["loss_mask"]):
+    said = tok.decode([int(t) for t in targets[mask > 0]])
+    assert said.startswith(("It is", "seven")) and "user" not in said
+
+
+def _run(args):
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    rc = main([str(a) for a in args])
+  return rc, out.getvalue(), err.getvalue()
+
+
+def test_bad_rows_are_named_or_counted(tmp_path):
+  path = tmp_path / "d.jsonl"
+  rows = [json.dumps(r) for r in _pairs(20)]
+  rows[6] = '{"prompt": "x", "completion": ""}'
+  rows[11] = "{not json"
+  path.write_text("\n".join(rows) + "\n")
+  args = ["lm", "train-teacher", "--config", LM_TINY, "--set",
+          f"output_dir={tmp_path / 'run'}", "data.corpus=files",
+          "data.format=jsonl", f"data.paths=[{path}]", "train.steps=1"]
+  rc, _, err = _run(args)
+  assert rc == errors.EXIT_USAGE
+  assert f"{path}, line 7" in err and "data.on_error" in err
+  assert not os.path.exists(tmp_path / "run" / "teacher" / "run.json")
+  config = _config(tmp_path / "run", "data.format=jsonl",
+                   f"data.paths=[{path}]", "data.on_error=skip")
+  lines = []
+  data = _lm_data.load_data(config, out=lines.append)
+  assert len(data.train[0]) + len(data.held_out[0]) == 18
+  assert any("skipped 2 rows: 1 bad JSON, 1 empty completion" in line
+             for line in lines)
+
+
+def test_a_prompt_longer_than_seq_len_names_the_key(tmp_path):
+  rows = _pairs(20)
+  rows[3] = {"prompt": "word " * 200, "completion": "x"}
+  path = _write_jsonl(tmp_path / "d.jsonl", rows)
+  config = _config(tmp_path / "run", "data.format=jsonl",
+                   f"data.paths=[{path}]")
+  with pytest.raises(errors.DataError, match=r"line 4.*data.seq_len"):
+    _lm_data.load_data(config, out=_quiet)
+  lines = []
+  data = _lm_data.load_data(
+      {**config, "data": {**config["data"], "on_error": "skip"}},
+      out=lines.append)
+  assert len(data.train[0]) + len(data.held_out[0]) == 19
+  assert any("1 prompt longer than seq_len" in line for line in lines)
+
+
+def test_conversations_without_a_template_name_the_key(tmp_path):
+  path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+      {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "hello"}]}] * 4)
+  config = _config(tmp_path / "run", "data.format=jsonl",
+                   f"data.paths=[{path}]", "data.eval_every=2")
+  with pytest.raises(errors.UsageError, match="data.chat_template"):
+    _lm_data.load_data(config, out=_quiet)
+
+
+def test_distill_runs_on_records(tmp_path):
+  """Teacher and token-KD student end to end on prompt–completion rows; the
+  student's held-out loss is over completion tokens only."""
+  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
+  sets = [f"output_dir={tmp_path / 'run'}", "data.corpus=files",
+          "data.format=jsonl", f"data.paths=[{path}]", "train.steps=3",
+          "data.eval_every=10"]
+  for command in ("train-teacher", "distill"):
+    rc, out, err = _run(["lm", command, "--config", LM_TINY, "--set", *sets])
+    assert rc == 0, err
+  with open(tmp_path / "run" / "student_token_kd" / "summary.json") as f:
+    summary = json.load(f)
+  n_tokens = sum(len(lm.load_tokenizer(str(tmp_path / "run")).encode(
+      r["completion"])) + 1 for i, r in enumerate(_pairs(40)) if i % 10 == 9)
+  assert summary["eval"]["tokens"] == n_tokens
+  assert np.isfinite(summary["eval"]["teacher_kl"])
