@@ -15,7 +15,9 @@ checkpoints in and out (``load_hf_checkpoint``, ``student_from_teacher``,
 (``get_lm_objective``, ``build_lm_loss``, ``build_lm_objective_step``).
 The pieces of a training run outside the command line: tokenizers (``Tokenizer``: bytes, a ``tokenizer.json``, a BPE trained by
 ``train_bpe``; ``check_same_tokenizer``), prompt–completion and chat datasets
-in JSONL or Parquet (``read_records``) and chat templates rendered as Hugging
+in JSONL or Parquet (``read_records``), a built-in one of the standard
+library's documented functions, signature and docstring to body, split by
+module (``stdlib_function_records``), and chat templates rendered as Hugging
 Face renders them, with assistant masks (``load_chat_template``,
 ``apply_chat_template``, ``encode_prompt_completion``), token windows of texts and resumable
 shuffled batches (``token_windows``, ``LMBatches``), and a model bundled with
@@ -58,6 +60,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
         "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
     "._records": ("Record", "RecordError", "RecordSet", "read_records"),
+    "._stdlib_functions": ("StdlibFunctionSummary", "stdlib_function_records",
+        "stdlib_function_summary", "stdlib_module_split", "stdlib_modules"),
     "._tokenizer": ("TOKENIZER_FILE", "SpecialTokenError", "Tokenizer", "TokenizerError",
         "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
         "load_tokenizer", "tokenizer_from_json", "train_bpe"),
@@ -105,6 +109,9 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       get_lm_objective, lm_objectives_table)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
   from kdjax.lm._records import Record, RecordError, RecordSet, read_records
+  from kdjax.lm._stdlib_functions import (
+      StdlibFunctionSummary, stdlib_function_records, stdlib_function_summary,
+      stdlib_module_split, stdlib_modules)
   from kdjax.lm._tokenizer import (
       TOKENIZER_FILE, SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
       byte_tokenizer, check_same_tokenizer, load_tokenizer,
