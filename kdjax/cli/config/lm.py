@@ -88,7 +88,8 @@ LM_SCHEMA: dict = {
         "on_error": Field("fail", "str", "a malformed row, a missing field, "
                           "an empty completion, a prompt longer than seq_len:"
                           " fail (naming file and line) or skip (counted and "
-                          "reported)", choices=("fail", "skip")),
+                          "reported; corpus stdlib_functions always skips "
+                          "what does not fit)", choices=("fail", "skip")),
         "chat_template": Field(None, "str", "conversations: the chat template"
                                " (a .jinja file, a tokenizer_config.json or a "
                                "Hugging Face directory); default: the "

@@ -432,11 +432,13 @@ def token_examples(config: Mapping[str, Any], records, tokenizer,
   config keys."""
   from kdjax import lm  # pylint: disable=g-import-not-at-top
   d = config["data"]
+  # The built-in set is taken as it is: what does not fit is counted.
+  on_error = "skip" if d["corpus"] == "stdlib_functions" else d["on_error"]
   try:
     return lm.record_examples(records, tokenizer, d["seq_len"],
                               template=template,
                               last_turn_only=d["last_turn_only"],
-                              on_error=d["on_error"])
+                              on_error=on_error)
   except lm.ExampleError as e:
     raise errors.DataError(f"{e} (config keys 'data.seq_len', "
                            "'data.on_error')") from None
