@@ -195,3 +195,34 @@ def test_distill_runs_on_records(tmp_path):
       r["completion"])) + 1 for i, r in enumerate(_pairs(40)) if i % 10 == 9)
   assert summary["eval"]["tokens"] == n_tokens
   assert np.isfinite(summary["eval"]["teacher_kl"])
+
+
+def test_the_stdlib_instruction_set(tmp_path):
+  """data.corpus stdlib_functions: held-out modules are never trained on (nor
+  is the tokenizer trained on them); what does not fit is counted."""
+  config = _lm_config.load_config([LM_TINY], [
+      f"output_dir={tmp_path}", "data.corpus=stdlib_functions",
+      "data.max_files=30", "data.seq_len=128", "tokenizer.kind=bytes"])
+  lines = []
+  data = _lm_data.load_data(config, out=lines.append)
+  files = data.corpus["files"]
+  assert files["train"] and files["eval"]
+  assert not set(files["train"]) & set(files["eval"])
+  records = data.corpus["records"]
+  for split, name in (("train", "train"), ("eval", "validation")):
+    modules = {lm.stdlib_module_split(_module_of(r.path)) for r in
+               records[split]}
+    assert modules == {name}
+  tok = data.tokenizer
+  prompt = tok.decode(list(data.train[0][0]))
+  assert prompt.lstrip().startswith(("def ", "async def ", "@", "# class"))
+  assert any("prompt longer than seq_len" in line for line in lines)
+
+
+def _module_of(path):
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  rel = os.path.relpath(path, sysconfig.get_paths()["stdlib"])
+  rel = rel[:-len(".py")]
+  if rel.endswith("__init__"):
+    rel = os.path.dirname(rel)
+  return rel.replace(os.sep, ".")
