@@ -43,6 +43,7 @@ from flax import linen as nn
 
 from kdjax.lm._packing import packed_attention_mask
 from kdjax.lm._packing import packing_inputs
+from kdjax.lm._packing import segment_key_prefix
 from kdjax.lm._packing import segment_positions
 from kdjax.models import ApplyFn
 from kdjax.models import ModelOutput
@@ -285,10 +286,13 @@ def make_lm_apply(config: TransformerConfig, *, input_key: str = "tokens",
   divergence_from_hidden``) without ever forming ``[B, T, V]``.
 
   A packed batch (``kdjax.lm.make_packed_batch``: ``segment_ids`` and
-  ``positions``) is run with the block-diagonal causal mask, in both modes.
+  ``positions``; with ``input_key="teacher_tokens"``, ``teacher_segment_ids``
+  and ``teacher_positions``) is run with the block-diagonal causal mask, in
+  both modes.
   """
   module = DecoderLM(config)
   return_hidden = return_hidden or not compute_logits
+  prefix = segment_key_prefix(input_key)
 
   def apply(variables, batch, *, train: bool = False,
             rng: Optional[chex.PRNGKey] = None) -> ModelOutput:
@@ -297,7 +301,7 @@ def make_lm_apply(config: TransformerConfig, *, input_key: str = "tokens",
       raise KeyError(f"the batch has no key {input_key!r}; keys present: "
                      f"{sorted(batch)}.")
     tokens = jnp.asarray(batch[input_key])
-    packed = packing_inputs(batch, tokens.shape)
+    packed = packing_inputs(batch, tokens.shape, prefix)
     segments = {} if packed is None else dict(zip(("segment_ids",
                                                    "positions"), packed))
     out = module.apply(variables, tokens, return_hidden=return_hidden,

@@ -257,29 +257,41 @@ def packed_attention_mask(segment_ids: chex.Array,
   return (same & causal & real) | diagonal
 
 
-def packing_inputs(batch: Mapping[str, Any], tokens_shape: tuple[int, ...]
+def segment_key_prefix(input_key: str) -> str:
+  """The prefix of the packing keys that go with tokens ``input_key``.
+
+  ``"tokens" -> ""``, ``"teacher_tokens" -> "teacher_"`` (a teacher reading
+  its own tokens reads its own ``teacher_segment_ids``); ``""`` for a key not
+  ending in ``"tokens"``.
+  """
+  return input_key[:-len("tokens")] if input_key.endswith("tokens") else ""
+
+
+def packing_inputs(batch: Mapping[str, Any], tokens_shape: tuple[int, ...],
+                   prefix: str = ""
                    ) -> Optional[tuple[chex.Array, chex.Array]]:
   """``(segment_ids, positions)`` of a packed batch, or None if unpacked.
 
-  ``positions`` default to :func:`segment_positions`. Both are checked to
-  have the tokens' shape.
+  Reads ``batch[prefix + "segment_ids"]`` and ``batch[prefix +
+  "positions"]`` (:func:`segment_key_prefix`); ``positions`` default to
+  :func:`segment_positions`. Both are checked to have the tokens' shape.
 
   Raises:
     ValueError: ``positions`` without ``segment_ids``, or a shape mismatch.
   """
-  if SEGMENT_IDS_KEY not in batch:
-    if POSITIONS_KEY in batch:
+  seg_key, pos_key = prefix + SEGMENT_IDS_KEY, prefix + POSITIONS_KEY
+  if seg_key not in batch:
+    if pos_key in batch:
       raise ValueError(
-          f"the batch has {POSITIONS_KEY!r} but no {SEGMENT_IDS_KEY!r}; "
+          f"the batch has {pos_key!r} but no {seg_key!r}; "
           "packed batches need both (kdjax.lm.make_packed_batch).")
     return None
-  segment_ids = jnp.asarray(batch[SEGMENT_IDS_KEY], jnp.int32)
-  if POSITIONS_KEY in batch:
-    positions = jnp.asarray(batch[POSITIONS_KEY], jnp.int32)
+  segment_ids = jnp.asarray(batch[seg_key], jnp.int32)
+  if pos_key in batch:
+    positions = jnp.asarray(batch[pos_key], jnp.int32)
   else:
     positions = segment_positions(segment_ids)
-  for name, value in ((SEGMENT_IDS_KEY, segment_ids),
-                      (POSITIONS_KEY, positions)):
+  for name, value in ((seg_key, segment_ids), (pos_key, positions)):
     if tuple(value.shape) != tuple(tokens_shape):
       raise ValueError(f"batch[{name!r}] has shape {tuple(value.shape)}, the "
                        f"tokens {tuple(tokens_shape)}.")

@@ -90,6 +90,7 @@ from kdjax.lm._generate import sample_logits
 from kdjax.lm._packing import check_unpacked
 from kdjax.lm._packing import packed_attention_mask
 from kdjax.lm._packing import packing_inputs
+from kdjax.lm._packing import segment_key_prefix
 from kdjax.models import ApplyFn
 from kdjax.models import ModelOutput
 
@@ -290,11 +291,11 @@ def init_tunix_model(family: str, config: Any, seed: int = 0, *,
   return model
 
 
-def _attention_inputs(batch, tokens):
+def _attention_inputs(batch, tokens, prefix=""):
   """``(positions [B, T], attention_mask [B, T, T] bool, segment_ids or None)``
   (module docstring)."""
   b, t = tokens.shape
-  packed = packing_inputs(batch, tokens.shape)
+  packed = packing_inputs(batch, tokens.shape, prefix)
   if packed is not None:
     if INPUT_MASK_KEY in batch:
       raise ValueError(f"a packed batch ({sorted(batch)}) cannot also carry "
@@ -445,7 +446,8 @@ def make_tunix_lm_apply(model: Any, *, input_key: str = "tokens",
       raise ValueError(f"tokens must be [batch, time], got shape "
                        f"{tokens.shape}.")
     module = nnx.merge(graphdef, _params_of(variables))
-    positions, mask, segment_ids = _attention_inputs(batch, tokens)
+    positions, mask, segment_ids = _attention_inputs(
+        batch, tokens, segment_key_prefix(input_key))
     hidden, _ = _hidden_states(module, tokens, positions, mask,
                                segment_ids=segment_ids)
     logits = None

@@ -269,6 +269,26 @@ def test_decoder_lm_packed_logits_and_hidden_equal_each_example_alone():
     apply(variables, {**plain, "positions": batch["positions"]})
 
 
+def test_a_teacher_reading_its_own_tokens_reads_its_own_segments():
+  apply = lm.make_lm_apply(CFG)
+  teacher_apply = lm.make_teacher_lm_apply(CFG)   # input_key "teacher_tokens"
+  variables = lm.init_lm(CFG, jax.random.key(0))
+  _, _, _, batch = _packed()
+  packed = apply(variables, batch).logits
+  plain = apply(variables, {"tokens": batch["tokens"]}).logits
+  # The student's segments are not the teacher's: ignored.
+  chex.assert_trees_all_close(
+      teacher_apply(variables, {"teacher_tokens": batch["tokens"],
+                                "segment_ids": batch["segment_ids"],
+                                "positions": batch["positions"]}).logits,
+      plain, atol=0, rtol=0)
+  chex.assert_trees_all_close(
+      teacher_apply(variables, {"teacher_tokens": batch["tokens"],
+                                "teacher_segment_ids": batch["segment_ids"],
+                                "teacher_positions": batch["positions"]}
+                    ).logits, packed, atol=0, rtol=0)
+
+
 def _kd_term_value(term, s_out, t_out, batch):
   return term(TermInputs(student=s_out, teacher=t_out, batch=batch,
                          temperature=jnp.float32(2.0), step=jnp.int32(0)))
