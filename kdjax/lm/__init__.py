@@ -20,7 +20,9 @@ library's documented functions, signature and docstring to body, split by
 module (``stdlib_function_records``), and chat templates rendered as Hugging
 Face renders them, with assistant masks (``load_chat_template``,
 ``apply_chat_template``, ``encode_prompt_completion``), token windows of texts and resumable
-shuffled batches (``token_windows``, ``LMBatches``), and a model bundled with
+shuffled batches (``token_windows``, ``LMBatches``), packing of short examples
+into long rows with block-diagonal attention (``pack_examples``,
+``make_packed_batch``), and a model bundled with
 its apply, lean-apply and generation functions (``LMModel``:
 ``decoder_lm_model``, ``tunix_lm_model``; ``NNXParams``).
 """
@@ -59,6 +61,9 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._objectives": ("LM_OBJECTIVES", "LMObjectiveSpec", "build_lm_loss",
         "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
+    "._packing": ("POSITIONS_KEY", "SEGMENT_IDS_KEY", "check_unpacked",
+        "is_packed", "make_packed_batch", "pack_examples",
+        "packed_attention_mask", "packing_efficiency", "segment_positions"),
     "._records": ("Record", "RecordError", "RecordSet", "read_records"),
     "._stdlib_functions": ("StdlibFunctionSummary", "stdlib_function_records",
         "stdlib_function_summary", "stdlib_module_split", "stdlib_modules"),
@@ -108,6 +113,10 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       LM_OBJECTIVES, LMObjectiveSpec, build_lm_loss, build_lm_objective_step,
       get_lm_objective, lm_objectives_table)
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
+  from kdjax.lm._packing import (
+      POSITIONS_KEY, SEGMENT_IDS_KEY, check_unpacked, is_packed,
+      make_packed_batch, pack_examples, packed_attention_mask,
+      packing_efficiency, segment_positions)
   from kdjax.lm._records import Record, RecordError, RecordSet, read_records
   from kdjax.lm._stdlib_functions import (
       StdlibFunctionSummary, stdlib_function_records, stdlib_function_summary,

@@ -9,7 +9,8 @@ is the example ``(prompt = w[:prompt_len], completion = w[prompt_len:])`` of
 
 * :class:`LMBatches`: endless training batches, shuffled per epoch from
   ``(seed, epoch)`` and resumable (``get_state``/``set_state``, or
-  ``batch_at(step)``);
+  ``batch_at(step)``); with ``pack=True``, of packed rows
+  (:func:`kdjax.lm.pack_examples`, several short examples a row);
 * :func:`padded_eval_batches`: the held-out windows in order, in fixed-size
   batches (the last one padded with masked copies);
 * :func:`prompt_batch`: prompts in a right-padded generation buffer.
@@ -22,6 +23,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from kdjax.lm._data import make_lm_batch
+from kdjax.lm._packing import make_packed_batch
+from kdjax.lm._packing import pack_examples
 from kdjax.lm._tokenizer import Tokenizer
 
 Ids = Sequence[int]
@@ -79,18 +82,24 @@ class LMBatches:
 
   Epoch ``e`` visits the examples in the order
   ``np.random.default_rng([seed, e]).permutation(n)``, ``n // batch_size``
-  batches (the remainder is dropped). Iterating yields the batches in order;
+  batches (the remainder is dropped). With ``pack=True`` the "examples" are
+  the rows of :func:`kdjax.lm.pack_examples` (computed once, deterministic),
+  each batch is :func:`kdjax.lm.make_packed_batch` of ``batch_size`` rows and
+  ``n`` is the number of rows; the state is the same. Iterating yields the batches in order;
   ``get_state``/``set_state`` are the iterator's position (save it with a
   checkpoint), and ``batch_at(step)`` is the batch of any step without
   moving it.
 
   Attributes:
-    batch_size: examples per batch.
+    batch_size: examples (packed: rows) per batch.
     steps_per_epoch: batches per epoch, ``n // batch_size``.
+    packed_rows: with ``pack=True``, the rows (tuples of example indices);
+      else None.
   """
 
   def __init__(self, prompts: Sequence[Ids], completions: Sequence[Ids],
-               batch_size: int, seq_len: int, pad_id: int, seed: int):
+               batch_size: int, seq_len: int, pad_id: int, seed: int, *,
+               pack: bool = False):
     """The batches of the examples ``(prompts[i], completions[i])``.
 
     Args:
@@ -100,9 +109,14 @@ class LMBatches:
       seq_len: the batches' length ``L``.
       pad_id: the padding id.
       seed: the shuffling seed.
+      pack: pack the examples into rows (:func:`kdjax.lm.pack_examples`);
+        the batches then have ``segment_ids`` and ``positions`` and no
+        ``prompt_len`` (not for the objectives that generate: GKD,
+        sequence KD).
 
     Raises:
-      BatchSizeError: ``batch_size`` exceeds the number of examples.
+      BatchSizeError: ``batch_size`` exceeds the number of examples (packed:
+        of rows).
       ValueError: ``batch_size < 1``, or as many prompts as completions not.
     """
     if len(prompts) != len(completions):
@@ -110,25 +124,34 @@ class LMBatches:
                        "completions.")
     if batch_size < 1:
       raise ValueError(f"batch_size ({batch_size}) must be at least 1.")
-    if batch_size > len(prompts):
+    self.packed_rows: Optional[list[tuple[int, ...]]] = None
+    n = len(prompts)
+    if pack:
+      self.packed_rows = pack_examples(prompts, completions, seq_len)
+      n = len(self.packed_rows)
+    if batch_size > n:
       raise BatchSizeError(
-          f"batch_size ({batch_size}) exceeds the {len(prompts)} training "
-          "sequences; lower it or add text.")
+          f"batch_size ({batch_size}) exceeds the {n} training "
+          + ("rows (packed)" if pack else "sequences")
+          + "; lower it or add text.")
     self._prompts, self._completions = prompts, completions
     self.batch_size, self._seq_len, self._pad = batch_size, seq_len, pad_id
-    self._seed = seed
-    self.steps_per_epoch = len(prompts) // batch_size
+    self._seed, self._n = seed, n
+    self.steps_per_epoch = n // batch_size
     self._epoch, self._index = 0, 0
     self._order: Optional[np.ndarray] = None
 
   def _batch(self, rows: np.ndarray) -> dict:
+    if self.packed_rows is not None:
+      return make_packed_batch(self._prompts, self._completions,
+                               [self.packed_rows[i] for i in rows],
+                               self._seq_len, pad_id=self._pad)
     return make_lm_batch([self._prompts[i] for i in rows],
                          [self._completions[i] for i in rows], self._seq_len,
                          pad_id=self._pad)
 
   def _order_of(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self._seed, epoch]).permutation(
-        len(self._prompts))
+    return np.random.default_rng([self._seed, epoch]).permutation(self._n)
 
   def __iter__(self) -> LMBatches:
     return self

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from kdjax.lm._model import DecoderLM
 from kdjax.lm._model import init_cache
+from kdjax.lm._packing import check_unpacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +238,7 @@ def make_rollout_fn(module: DecoderLM, config: SamplingConfig, *,
   """
 
   def rollout(variables, batch, rng) -> dict:
+    check_unpacked(batch, "a rollout (kdjax.lm.make_rollout_fn)")
     tokens = jnp.asarray(batch["tokens"])
     buf = jnp.concatenate([tokens, jnp.asarray(batch["targets"])[:, -1:]],
                           axis=1)

@@ -20,6 +20,13 @@ returning the updated cache. Every example of the batch shares ``cache_index``
 (prompts of different lengths are handled by the generation loop, see
 ``kdjax.lm.generate``).
 
+Packed rows (``kdjax.lm.make_packed_batch``): with ``segment_ids`` and
+``positions`` ``[B, T]`` the attention is block-diagonal causal
+(``kdjax.lm.packed_attention_mask``: a token attends to its own segment only)
+and the position embedding is read at ``positions`` (restarting at 0 in each
+segment), so each packed example gets the logits it has alone. Without them
+the model is exactly the plain causal one.
+
 Compute dtype follows the parameters (``dtype=None`` layers): the train step's
 ``kdjax.train.Policy`` casts float32 master weights to bfloat16 for compute.
 """
@@ -34,6 +41,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from kdjax.lm._packing import packed_attention_mask
+from kdjax.lm._packing import packing_inputs
+from kdjax.lm._packing import segment_key_prefix
+from kdjax.lm._packing import segment_positions
 from kdjax.models import ApplyFn
 from kdjax.models import ModelOutput
 
@@ -107,12 +118,17 @@ class _Attention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, cache=None, cache_index=None):
+  def __call__(self, x, cache=None, cache_index=None, mask=None):
     cfg = self.config
     b, t, _ = x.shape
     qkv = nn.DenseGeneral((3, cfg.num_heads, cfg.head_dim), name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
-    if cache is None:
+    if cache is None and mask is not None:  # packed rows: [B, 1, T, T]
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask, is_causal=True,
+          implementation=cfg.attention_implementation)
+      new_cache = None
+    elif cache is None:
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=True,
           implementation=cfg.attention_implementation)
@@ -137,10 +153,10 @@ class _Block(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, cache=None, cache_index=None):
+  def __call__(self, x, cache=None, cache_index=None, mask=None):
     cfg = self.config
     h, new_cache = _Attention(cfg, name="attn")(
-        nn.LayerNorm(name="ln_attn")(x), cache, cache_index)
+        nn.LayerNorm(name="ln_attn")(x), cache, cache_index, mask)
     x = x + h
     h = nn.LayerNorm(name="ln_mlp")(x)
     h = nn.Dense(cfg.ff_width, name="mlp_in")(h)
@@ -153,16 +169,23 @@ class DecoderLM(nn.Module):
   """Decoder-only causal transformer; see the module docstring.
 
   ``__call__(tokens [B, T], *, cache=None, cache_index=None,
-  return_hidden=False, compute_logits=True)`` returns ``logits [B, T, V]``
+  return_hidden=False, compute_logits=True, segment_ids=None,
+  positions=None)`` returns ``logits [B, T, V]``
   (``None`` with ``compute_logits=False``: the unembedding is not applied),
   plus a dict with ``"hidden"`` (``[B, T, D]``, when ``return_hidden``) and
-  ``"cache"`` (when a cache is passed): ``(logits, extras)``.
+  ``"cache"`` (when a cache is passed): ``(logits, extras)``. ``segment_ids``
+  (int ``[B, T]``, 0 = padding) makes the attention block-diagonal causal
+  and ``positions`` (int ``[B, T]``, default: restarting at 0 in each
+  segment) index the position embedding: packed rows, see the module
+  docstring (not with a cache).
   """
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens: chex.Array, *, cache=None, cache_index=None,
-               return_hidden: bool = False, compute_logits: bool = True):
+               return_hidden: bool = False, compute_logits: bool = True,
+               segment_ids: Optional[chex.Array] = None,
+               positions: Optional[chex.Array] = None):
     cfg = self.config
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -176,12 +199,26 @@ class DecoderLM(nn.Module):
     pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                            (cfg.max_len, cfg.d_model))
     x = embed(tokens)
-    positions = jnp.asarray(start, jnp.int32) + jnp.arange(t)
-    x = x + jnp.take(pos_embed, positions, axis=0).astype(x.dtype)[None]
+    mask = None
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("segment_ids (packed rows) cannot be used with a KV "
+                         "cache.")
+      if positions is None:
+        positions = segment_positions(segment_ids)
+      mask = packed_attention_mask(segment_ids, positions)[:, None]
+      x = x + jnp.take(pos_embed, jnp.asarray(positions, jnp.int32),
+                       axis=0).astype(x.dtype)
+    elif positions is not None:
+      raise ValueError("positions without segment_ids: pass both (packed "
+                       "rows) or neither.")
+    else:
+      positions = jnp.asarray(start, jnp.int32) + jnp.arange(t)
+      x = x + jnp.take(pos_embed, positions, axis=0).astype(x.dtype)[None]
     new_caches = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache[i]
-      x, c = _Block(cfg, name=f"block_{i}")(x, layer_cache, cache_index)
+      x, c = _Block(cfg, name=f"block_{i}")(x, layer_cache, cache_index, mask)
       new_caches.append(c)
     hidden = nn.LayerNorm(name="ln_final")(x)
     if compute_logits or self.is_initializing():
@@ -247,9 +284,15 @@ def make_lm_apply(config: TransformerConfig, *, input_key: str = "tokens",
   reach them; ``kdjax.lm.lean_token_kd_term`` and ``lean_token_ce_term``
   compute the losses chunk by chunk from these (``kdjax.losses.
   divergence_from_hidden``) without ever forming ``[B, T, V]``.
+
+  A packed batch (``kdjax.lm.make_packed_batch``: ``segment_ids`` and
+  ``positions``; with ``input_key="teacher_tokens"``, ``teacher_segment_ids``
+  and ``teacher_positions``) is run with the block-diagonal causal mask, in
+  both modes.
   """
   module = DecoderLM(config)
   return_hidden = return_hidden or not compute_logits
+  prefix = segment_key_prefix(input_key)
 
   def apply(variables, batch, *, train: bool = False,
             rng: Optional[chex.PRNGKey] = None) -> ModelOutput:
@@ -257,9 +300,12 @@ def make_lm_apply(config: TransformerConfig, *, input_key: str = "tokens",
     if input_key not in batch:
       raise KeyError(f"the batch has no key {input_key!r}; keys present: "
                      f"{sorted(batch)}.")
-    out = module.apply(variables, batch[input_key],
-                       return_hidden=return_hidden,
-                       compute_logits=compute_logits)
+    tokens = jnp.asarray(batch[input_key])
+    packed = packing_inputs(batch, tokens.shape, prefix)
+    segments = {} if packed is None else dict(zip(("segment_ids",
+                                                   "positions"), packed))
+    out = module.apply(variables, tokens, return_hidden=return_hidden,
+                       compute_logits=compute_logits, **segments)
     if return_hidden:
       logits, extras = out
       features = {"hidden": extras["hidden"]}

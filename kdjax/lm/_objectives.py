@@ -30,6 +30,11 @@ The objectives (``lm_objectives_table()`` lists them with their defaults):
 * ``seq_kd``: sequence-level KD (Kim & Rush 2016): the student's
   cross-entropy on the teacher's greedy continuations.
 
+Packed batches (``kdjax.lm.make_packed_batch``, several examples a row) suit
+the objectives without a rollout (``ce``, ``token_kd``, ``lean_kd``); the
+rollout objectives (``gkd``, ``seq_kd``) generate from each row's prompt and
+their steps refuse packed batches with a ValueError.
+
 The hyper-parameter names are those of ``kdjax lm distill``'s ``distill``
 section (``divergence``, ``temperature``, ``beta``, ``alpha``,
 ``kd_weight``, ``ce_weight``, ``lmbda``, ``sample_temperature``); each

@@ -36,6 +36,7 @@ from kdjax.lm._distill import build_lm_step_fn
 from kdjax.lm._generate import SamplingConfig
 from kdjax.models import ApplyFn
 from kdjax.lm._generate import make_rollout_fn
+from kdjax.lm._packing import check_unpacked
 
 _GKD_SALT = 0x6B64  # "kd": the stream of the on-policy coin and sampling
 
@@ -50,17 +51,19 @@ def _module_of(apply, who: str):
 
 
 def _after_rollout(inner: Callable, rollout: Callable, *, jit: bool,
-                   donate: bool) -> Callable:
+                   donate: bool, what: str) -> Callable:
   """``inner`` (an LM train step) on the batch ``rollout`` returns.
 
   ``rollout(state, teacher_variables, batch) -> (batch, extra)``; the
   metrics get ``extra`` (as float32) and ``"tokens"``, the batch's number of
   loss tokens. With ``jit=False`` the step is returned un-jitted (and
   unchecked: ``kdjax.train.compile_step`` then checkifies it if ``inner``
-  holds checks).
+  holds checks). A packed batch (``kdjax.lm.make_packed_batch``) is refused
+  while tracing: the rollout needs one prompt a row (``what`` names the step).
   """
 
   def step(state, teacher_variables, batch):
+    check_unpacked(batch, what)
     batch, extra = rollout(state, teacher_variables, dict(batch))
     new_state, metrics = inner(state, teacher_variables, batch)
     metrics = dict(metrics)
@@ -106,7 +109,9 @@ def make_gkd_train_step(student_apply: ApplyFn,
     **option_fields: ``StepOptions`` fields (accumulation, policy, ...).
 
   ``metrics["on_policy"]`` is 1.0 on an on-policy step. The batch needs
-  ``tokens``, ``targets``, ``loss_mask`` and ``prompt_len``.
+  ``tokens``, ``targets``, ``loss_mask`` and ``prompt_len``: one example a
+  row (``kdjax.lm.make_lm_batch``); packed batches
+  (``kdjax.lm.make_packed_batch``) are refused with a ValueError.
   """
   if not 0.0 <= float(lmbda) <= 1.0:
     raise ValueError(f"lmbda must lie in [0, 1], got {lmbda}.")
@@ -128,7 +133,8 @@ def make_gkd_train_step(student_apply: ApplyFn,
         lambda b: b, batch)
     return batch, {"on_policy": on_policy}
 
-  return _after_rollout(inner, rollout, jit=jit, donate=donate)
+  return _after_rollout(inner, rollout, jit=jit, donate=donate,
+                        what="the GKD step (kdjax.lm.make_gkd_train_step)")
 
 
 def make_sequence_kd_step(student_apply: ApplyFn,
@@ -150,7 +156,8 @@ def make_sequence_kd_step(student_apply: ApplyFn,
   (typically ``token_ce_term`` on the generated targets, optionally plus
   ``token_kd_term``) on the generated batch. To generate once and reuse the
   sequences over epochs, jit :func:`kdjax.lm.make_rollout_fn` yourself.
-  ``options`` and ``**option_fields`` as for :func:`make_gkd_train_step`.
+  ``options`` and ``**option_fields`` as for :func:`make_gkd_train_step`;
+  packed batches are refused likewise.
   """
   if rollout_fn is None:
     rollout_fn = make_rollout_fn(_module_of(teacher_apply, "teacher"),
@@ -162,4 +169,6 @@ def make_sequence_kd_step(student_apply: ApplyFn,
     sample_key = jax.random.fold_in(state.rng, _GKD_SALT + 1)
     return rollout_fn(teacher_variables, batch, sample_key), {}
 
-  return _after_rollout(inner, rollout, jit=jit, donate=donate)
+  return _after_rollout(
+      inner, rollout, jit=jit, donate=donate,
+      what="the sequence-KD step (kdjax.lm.make_sequence_kd_step)")

@@ -44,6 +44,19 @@ prompts as Tunix's sampler makes them) gets Tunix's conventions instead:
 ``tunix.generate.utils.build_positions_from_mask``) and the attention mask
 ``causal & input_mask[:, None, :]`` (``make_causal_attn_mask``).
 
+Packed rows (``kdjax.lm.make_packed_batch``: ``segment_ids`` and
+``positions``, several examples a row) are passed straight through: every
+family's decoder layer takes per-token ``positions [B, T]`` (rotary
+embeddings, so each segment's RoPE restarts at 0) and a full ``[B, T, T]``
+attention mask, here ``kdjax.lm.packed_attention_mask`` (block-diagonal
+causal). All three families of Tunix 0.1.7 support it: Qwen3 and Llama 3
+apply the mask as given; Gemma 3's local layers AND it with their sliding
+window, taken over slot indices, which within a (contiguous) segment are the
+positions' differences, so the window is the unpacked one. Qwen3 with
+``use_flash_attention`` (TPU splash attention) ignores the mask and reads
+``segment_ids`` instead, which the adapter then passes. A batch may not be
+both packed and carry ``input_mask``.
+
 Generation
 ----------
 :func:`tunix_generate` / :func:`make_tunix_rollout_fn` are kdjax's jitted
@@ -74,6 +87,10 @@ from kdjax.lm._generate import _valid_lengths
 from kdjax.lm._generate import batch_from_generation
 from kdjax.lm._generate import prepare_token_buffer
 from kdjax.lm._generate import sample_logits
+from kdjax.lm._packing import check_unpacked
+from kdjax.lm._packing import packed_attention_mask
+from kdjax.lm._packing import packing_inputs
+from kdjax.lm._packing import segment_key_prefix
 from kdjax.models import ApplyFn
 from kdjax.models import ModelOutput
 
@@ -274,9 +291,17 @@ def init_tunix_model(family: str, config: Any, seed: int = 0, *,
   return model
 
 
-def _attention_inputs(batch, tokens):
-  """``(positions [B, T], attention_mask [B, T, T] bool)`` (module docstring)."""
+def _attention_inputs(batch, tokens, prefix=""):
+  """``(positions [B, T], attention_mask [B, T, T] bool, segment_ids or None)``
+  (module docstring)."""
   b, t = tokens.shape
+  packed = packing_inputs(batch, tokens.shape, prefix)
+  if packed is not None:
+    if INPUT_MASK_KEY in batch:
+      raise ValueError(f"a packed batch ({sorted(batch)}) cannot also carry "
+                       f"{INPUT_MASK_KEY!r}.")
+    segment_ids, positions = packed
+    return positions, packed_attention_mask(segment_ids, positions), segment_ids
   causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
   if INPUT_MASK_KEY in batch:
     valid = jnp.asarray(batch[INPUT_MASK_KEY]).astype(jnp.bool_)
@@ -289,17 +314,26 @@ def _attention_inputs(batch, tokens):
   else:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = jnp.broadcast_to(causal[None], (b, t, t))
-  return positions, mask
+  return positions, mask, None
 
 
-def _hidden_states(model, tokens, positions, attention_mask, cache=None):
-  """Final normalised hidden states ``[B, T, D]`` (and the updated cache)."""
+def _hidden_states(model, tokens, positions, attention_mask, cache=None,
+                   segment_ids=None):
+  """Final normalised hidden states ``[B, T, D]`` (and the updated cache).
+
+  ``segment_ids`` (packed rows) reach the layers only where the mask alone
+  would be ignored: Qwen3 with ``use_flash_attention``.
+  """
   x = model.embedder.encode(tokens)
   new_cache = None if cache is None else {}
+  extra = {}
+  if (segment_ids is not None
+      and getattr(model.config, "use_flash_attention", False)):
+    extra["segment_ids"] = segment_ids
   for i, layer in enumerate(model.layers):
     name = f"layer_{i}"
     layer_cache, x = layer(x, positions, None if cache is None else cache[name],
-                           attention_mask)
+                           attention_mask, **extra)
     if cache is not None:
       new_cache[name] = layer_cache
   return model.final_norm(x), new_cache
@@ -377,7 +411,8 @@ def make_tunix_lm_apply(model: Any, *, input_key: str = "tokens",
   likewise, in the hidden states' dtype) for
   :func:`kdjax.lm.lean_token_kd_term` / ``lean_token_ce_term``. Positions and
   the attention mask follow the module docstring (right padding, or
-  ``batch["input_mask"]``). The models have no dropout: ``train``/``rng`` are
+  ``batch["input_mask"]``, or packed rows: ``segment_ids`` and
+  ``positions``, block-diagonal causal). The models have no dropout: ``train``/``rng`` are
   accepted and ignored.
 
   Returns:
@@ -411,8 +446,10 @@ def make_tunix_lm_apply(model: Any, *, input_key: str = "tokens",
       raise ValueError(f"tokens must be [batch, time], got shape "
                        f"{tokens.shape}.")
     module = nnx.merge(graphdef, _params_of(variables))
-    positions, mask = _attention_inputs(batch, tokens)
-    hidden, _ = _hidden_states(module, tokens, positions, mask)
+    positions, mask, segment_ids = _attention_inputs(
+        batch, tokens, segment_key_prefix(input_key))
+    hidden, _ = _hidden_states(module, tokens, positions, mask,
+                               segment_ids=segment_ids)
     logits = None
     if compute_logits:
       logits = _logits(module, family, hidden)
@@ -552,6 +589,7 @@ def make_tunix_rollout_fn(apply: ApplyFn, config: SamplingConfig, *,
     raise ValueError("apply must come from make_tunix_lm_apply.")
 
   def rollout(variables, batch, rng) -> dict:
+    check_unpacked(batch, "a rollout (kdjax.lm.make_tunix_rollout_fn)")
     tokens = jnp.asarray(batch["tokens"])
     buf = jnp.concatenate([tokens, jnp.asarray(batch["targets"])[:, -1:]],
                           axis=1)
