@@ -99,6 +99,12 @@ LM_SCHEMA: dict = {
                                 "each, its last assistant turn (needed for "
                                 "templates that rewrite earlier turns, as "
                                 "Qwen3's drops earlier reasoning)"),
+        "pack": Field(False, "bool", "pack several examples into each row "
+                      "of seq_len tokens (segment ids and per-example "
+                      "positions: attention never crosses examples; for "
+                      "records, whose examples are short); data.batch_size "
+                      "then counts rows; not with distill.objective gkd or "
+                      "seq_kd, which generate from one prompt a row"),
         "pattern": Field("*.py", "str", "file-name pattern of the files read "
                          "from a directory"),
         "max_files": Field(400, "int", "read only the first N files (in "
@@ -310,6 +316,10 @@ def validate(config: dict) -> dict:
     raise ConfigError("config key 'data.eval_paths' is for data.corpus: "
                       "files with data.format jsonl, parquet or auto; a text "
                       "corpus holds out every data.eval_every-th file.")
+  if data["pack"] and d["objective"] in ("gkd", "seq_kd"):
+    raise ConfigError(
+        f"config key 'data.pack' is not for distill.objective {d['objective']}"
+        " (it generates from each row's prompt); set data.pack=false.")
   if tok["kind"] == "file" and not tok["path"]:
     raise ConfigError("config key 'tokenizer.path' must name a "
                       "tokenizer.json for tokenizer.kind: file.")

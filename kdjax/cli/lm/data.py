@@ -376,16 +376,26 @@ def check_run_teacher_tokenizer(run_dir: str, tokenizer: "lm.Tokenizer"
 
 
 def train_batches(prompts, completions, batch_size: int, seq_len: int,
-                  pad_id: int, seed: int):
-  """:class:`kdjax.lm.LMBatches` of the training windows."""
+                  pad_id: int, seed: int, *, pack: bool = False):
+  """:class:`kdjax.lm.LMBatches` of the training sequences (``pack``: packed
+  into rows)."""
   from kdjax import lm  # pylint: disable=g-import-not-at-top
   try:
     return lm.LMBatches(prompts, completions, batch_size, seq_len, pad_id,
-                        seed)
-  except lm.BatchSizeError:
-    raise errors.BatchSizeError(
-        f"config key 'data.batch_size' ({batch_size}) exceeds the "
-        f"{len(prompts)} training sequences; lower it or add text.") from None
+                        seed, pack=pack)
+  except lm.BatchSizeError as e:
+    raise errors.BatchSizeError(f"config key 'data.batch_size': {e}") from None
+
+
+def packing_efficiency(batches: "lm.LMBatches", prompts, completions,
+                       seq_len: int) -> Optional[float]:
+  """The fraction of the packed rows' slots that hold tokens (None when the
+  batches are not packed)."""
+  if batches.packed_rows is None:
+    return None
+  slots = sum(min(len(p) + len(c), seq_len + 1) - 1
+              for p, c in zip(prompts, completions))
+  return slots / (len(batches.packed_rows) * seq_len)
 
 
 # -----------------------------------------------------------------------------
@@ -402,6 +412,7 @@ class LMData:
   train: tuple
   held_out: tuple
   batches: Optional["lm.LMBatches"]
+  packing_efficiency: Optional[float] = None
 
 
 def chat_template(config: Mapping[str, Any]) -> "lm.ChatTemplate":
@@ -506,8 +517,14 @@ def load_data(config: Mapping[str, Any],
   batches = None
   if train:
     batches = train_batches(*train_seqs, d["batch_size"], d["seq_len"],
-                            tokenizer.pad_id, config["seed"])
+                            tokenizer.pad_id, config["seed"], pack=d["pack"])
+    efficiency = packing_efficiency(batches, *train_seqs, d["seq_len"])
+    if efficiency is not None:
+      out(f"[lm] packed {len(train_seqs[0])} training sequences into "
+          f"{len(batches.packed_rows)} rows of {d['seq_len']} tokens: "
+          f"packing efficiency {efficiency:.3f} (non-pad fraction)")
   else:
-    train_seqs = ()
+    train_seqs, efficiency = (), None
   return LMData(corpus=corpus, tokenizer=tokenizer, train=train_seqs,
-                held_out=held_out, batches=batches)
+                held_out=held_out, batches=batches,
+                packing_efficiency=efficiency)

@@ -125,7 +125,8 @@ def run_meta(config: Mapping[str, Any], *, command: str, side: str,
           "num_train_sequences": len(data.train[0]),
           "num_eval_sequences": len(data.held_out[0]),
           "batch_size": d["batch_size"], "seq_len": d["seq_len"],
-          "steps": steps}
+          "packed": d["pack"],
+          "packing_efficiency": data.packing_efficiency, "steps": steps}
 
 
 def train(config: dict, *, command: str, side: str, run_dir: str,

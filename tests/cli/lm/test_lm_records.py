@@ -226,3 +226,35 @@ def _module_of(path):
   if rel.endswith("__init__"):
     rel = os.path.dirname(rel)
   return rel.replace(os.sep, ".")
+
+
+def test_packed_rows(tmp_path):
+  """data.pack: several examples a row, each row's loss tokens the
+  completions of its examples; the efficiency is printed and recorded; GKD
+  refuses it."""
+  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
+  sets = ["data.format=jsonl", f"data.paths=[{path}]", "data.seq_len=64",
+          "data.batch_size=2", "data.eval_every=10"]
+  lines = []
+  data = _lm_data.load_data(_config(tmp_path / "run", *sets, "data.pack=true"),
+                            out=lines.append)
+  plain = _lm_data.load_data(_config(tmp_path / "run", *sets), out=_quiet)
+  eff = data.packing_efficiency
+  assert 0.5 < eff <= 1.0 and plain.packing_efficiency is None
+  assert any(f"packing efficiency {eff:.3f}" in line for line in lines)
+  assert data.batches.steps_per_epoch < plain.batches.steps_per_epoch
+  batch = data.batches.batch_at(0)
+  assert "segment_ids" in batch and batch["tokens"].shape == (2, 64)
+  assert int(batch["segment_ids"].max()) > 1  # several examples in a row
+  # The packed rows' loss tokens are exactly the examples' completions.
+  tok = data.tokenizer
+  completions = {tuple(tok.encode(r["completion"]) + [tok.eos_id])
+                 for r in _pairs(40)}
+  for targets, mask, seg in zip(batch["targets"], batch["loss_mask"],
+                                batch["segment_ids"]):
+    for s in set(int(x) for x in seg) - {0}:
+      got = tuple(int(t) for t in targets[(seg == s) & (mask > 0)])
+      assert got in completions
+  with pytest.raises(errors.UsageError, match="data.pack"):
+    _config(tmp_path / "run", *sets, "data.pack=true",
+            "distill.objective=gkd")
