@@ -1,9 +1,14 @@
 """Exact resume under CPU load: `kdjax distill` and `kdjax lm distill`
-(token KD, lean KD, GKD) SIGKILLed mid-step, during an asynchronous
-checkpoint write and after a commit, each time in a fresh process with two
-busy-looping processes beside it, then run to the end: the final state
-(params, optimizer state, RNG, step), the logged records and the held-out
-metrics equal those of an uninterrupted run bit for bit.
+(token KD, GKD) SIGKILLed mid-step, during an asynchronous checkpoint write
+and after a commit, each time in a fresh process with a busy-looping process
+beside it (and, in the suite, the other test worker: two cores
+oversubscribed), then run to the end: the final state (params, optimizer
+state, RNG, step), the logged records and the held-out metrics equal those
+of an uninterrupted run bit for bit.
+
+The LM objectives are token KD (the state, batches and checkpoints every
+objective shares) and GKD (which also draws its samples from the step's RNG);
+lean KD differs from token KD in the loss alone, which resume does not touch.
 
 Every run is its own process (as a user's runs are), so nothing a test
 process did before can leak into the comparison.
@@ -52,7 +57,7 @@ def test_image_distill_resumes_exactly_under_load(tmp_path):
     return ["distill", "--config", config, "--set", f"distill.run_name={name}"]
 
   cc = tmp_path / "jax_cache"
-  with kr.cpu_load():
+  with kr.cpu_load(processes=1):
     proc = kr.run(args("straight"), compilation_cache=cc)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     out = kr.killed_then_resumed(args("killed"), [
@@ -72,7 +77,7 @@ def lm_root(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize("objective", ["token_kd", "lean_kd", "gkd"])
+@pytest.mark.parametrize("objective", ["token_kd", "gkd"])
 def test_lm_distill_resumes_exactly_under_load(lm_root, objective):
   def args(name):
     return ["lm", "distill", "--config", LM_TINY, "--set",
@@ -82,7 +87,7 @@ def test_lm_distill_resumes_exactly_under_load(lm_root, objective):
 
   straight, killed = f"{objective}_straight", f"{objective}_killed"
   cc = lm_root / f"jax_cache_{objective}"
-  with kr.cpu_load():
+  with kr.cpu_load(processes=1):
     proc = kr.run(args(straight), compilation_cache=cc)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     out = kr.killed_then_resumed(args(killed), [
