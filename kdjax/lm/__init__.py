@@ -35,7 +35,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._batches": ("BatchSizeError", "LMBatches", "padded_eval_batches",
         "prompt_batch", "token_windows"),
     "._chat": ("ChatEncoding", "ChatTemplate", "ChatTemplateError",
-        "apply_chat_template", "encode_prompt_completion", "encode_record",
+        "apply_chat_template", "check_chat_template_tokens",
+        "encode_prompt_completion", "encode_record",
         "load_chat_template"),
     "._bundle": ("LMModel", "NNXParams", "VocabularySizeError",
         "decoder_lm_model", "tunix_lm_model"),
@@ -82,6 +83,7 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       token_windows)
   from kdjax.lm._chat import (
       ChatEncoding, ChatTemplate, ChatTemplateError, apply_chat_template,
+      check_chat_template_tokens,
       encode_prompt_completion, encode_record, load_chat_template)
   from kdjax.lm._examples import (
       EXAMPLE_REASONS, ExampleError, TokenExamples, record_examples,

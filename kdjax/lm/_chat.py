@@ -418,6 +418,45 @@ def _mask(n: int, offsets: Sequence[tuple[int, int]],
   return mask
 
 
+# Marker tokens a template writes literally: ChatML / Llama 3 style
+# ``<|...|>`` and Gemma style ``<start_of_turn>`` / ``<end_of_turn>``.
+_MARKER_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>|<(?:start|end)_of_turn>")
+
+
+def check_chat_template_tokens(template: ChatTemplate, tokenizer: Any) -> None:
+  """Raise unless ``tokenizer`` holds the special tokens ``template`` writes.
+
+  A template's special tokens (its ``bos_token``, ``eos_token``, ... and the
+  markers it writes literally, such as ``<|im_start|>`` or
+  ``<start_of_turn>``) must each be one token of the tokenizer; a tokenizer
+  without them (e.g. a BPE trained on plain text) would cut every turn
+  marker into pieces and train the model on the wrong format.
+
+  Args:
+    template: the chat template.
+    tokenizer: a :class:`kdjax.lm.Tokenizer` or a ``tokenizers.Tokenizer``.
+
+  Raises:
+    ChatTemplateError: naming the tokens that are not one token each.
+  """
+  tokens = set(_MARKER_TOKEN.findall(template.source))
+  tokens.update(v for k, v in template.special_tokens.items()
+                if k in ("bos_token", "eos_token") and v)
+  missing = []
+  for token in sorted(tokens):
+    if isinstance(tokenizer, Tokenizer):
+      ids = tokenizer.encode(token)
+    else:
+      ids = tokenizer.encode(token, add_special_tokens=False).ids
+    if len(ids) != 1:
+      missing.append(f"{token!r} ({len(ids)} ids)")
+  if missing:
+    raise ChatTemplateError(
+        f"the chat template of {template.origin} writes special tokens the "
+        f"tokenizer does not have as single tokens: {', '.join(missing)}; use "
+        "the tokenizer of the template's model.")
+
+
 def apply_chat_template(tokenizer: Any, messages: Messages,
                         template: Union[ChatTemplate, str], *,
                         add_generation_prompt: bool = False,

@@ -443,3 +443,12 @@ def test_byte_tokenizer_offsets():
   text = "2 + 3 = 5.<|im_end|>\n"
   assert bytes(i for i, m in zip(enc.ids, enc.assistant_mask) if m).decode(
   ) == text
+
+
+def test_check_chat_template_tokens(hf_dirs, kd_tokenizer):
+  for name, d in hf_dirs.items():
+    lm.check_chat_template_tokens(lm.load_chat_template(d), kd_tokenizer)
+  plain = lm.tokenizer_from_json(lm.train_bpe(TEXTS, 300), name="plain")
+  with pytest.raises(lm.ChatTemplateError, match=r"'<\|im_start\|>'"):
+    lm.check_chat_template_tokens(lm.load_chat_template(hf_dirs["qwen"]),
+                                  plain)

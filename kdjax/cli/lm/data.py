@@ -464,6 +464,13 @@ def _record_sequences(config: Mapping[str, Any], corpus: Mapping[str, Any],
   records = corpus["records"]
   chats = any(r.is_chat for split in records.values() for r in split)
   template = chat_template(config) if chats else None
+  if template is not None:
+    from kdjax import lm  # pylint: disable=g-import-not-at-top
+    try:
+      lm.check_chat_template_tokens(template, tokenizer)
+    except lm.ChatTemplateError as e:
+      raise ConfigError(f"{e} (config keys 'tokenizer.kind', "
+                        "'tokenizer.path', 'data.chat_template')") from None
   splits = ("eval", "train") if train else ("eval",)
   found = {}
   for split in splits:

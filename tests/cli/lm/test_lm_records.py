@@ -258,3 +258,18 @@ def test_packed_rows(tmp_path):
   with pytest.raises(errors.UsageError, match="data.pack"):
     _config(tmp_path / "run", *sets, "data.pack=true",
             "distill.objective=gkd")
+
+
+def test_a_tokenizer_without_the_templates_tokens_is_refused(tmp_path):
+  """A chat template whose turn markers the tokenizer would cut into pieces
+  (a BPE trained on plain text) exits 2 naming the tokens and keys."""
+  tok_dir = _chat_dir(tmp_path)
+  path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+      {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "hello"}]}] * 4)
+  config = _config(tmp_path / "run", "data.format=jsonl",
+                   f"data.paths=[{path}]", "data.eval_every=2",
+                   "tokenizer.kind=bytes", f"data.chat_template={tok_dir}")
+  with pytest.raises(errors.UsageError,
+                     match=r"'<\|im_end\|>' \(\d+ ids\).*tokenizer.kind"):
+    _lm_data.load_data(config, out=_quiet)
