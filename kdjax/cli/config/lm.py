@@ -54,7 +54,7 @@ LM_SCHEMA: dict = {
     "seed": Field(0, "int", "seed of the initialisation, data order and "
                   "sampling", minimum=0),
     "data": {
-        "corpus": Field("stdlib", "str", "stdlib: the Python standard "
+        "corpus": Field("stdlib_functions", "str", "stdlib: the Python standard "
                         "library's own .py sources as text (sysconfig's "
                         "stdlib path; sorted, deterministic); "
                         "stdlib_functions: its documented functions as "
@@ -108,13 +108,16 @@ LM_SCHEMA: dict = {
         "pattern": Field("*.py", "str", "file-name pattern of the files read "
                          "from a directory"),
         "max_files": Field(400, "int", "read only the first N files (in "
-                           "sorted path order)", nullable=True, minimum=1),
+                           "sorted path order; stdlib_functions: the first N "
+                           "modules of each split)", nullable=True,
+                           minimum=1),
         "max_file_bytes": Field(65536, "int", "read only the first N bytes "
                                 "of each file", nullable=True, minimum=1),
         "eval_every": Field(10, "int", "held-out split: every N-th file "
                             "(sorted order) of a text corpus, every N-th row "
                             "of jsonl/parquet without eval_paths", minimum=2),
-        "seq_len": Field(64, "int", "tokens per training sequence", minimum=2),
+        "seq_len": Field(256, "int", "tokens per training sequence (a "
+                         "row)", minimum=2),
         "prompt_len": Field(16, "int", "format text: the first tokens of each "
                             "window are its prompt (no loss on them; GKD and "
                             "sequence KD continue them); records have their "
