@@ -352,3 +352,51 @@ def test_step_errors():
                              rng=jax.random.key(0))
   _, metrics = step(state, None, tiny_batch())
   assert set(metrics) >= {"loss", "ce"}
+
+
+def ragged_batch(seq_len=12):
+  """8 sequences whose completions hold 1 to 8 trained tokens: the strided
+  micro-batches of 4-way accumulation hold different token counts."""
+  texts = [("ab", "c"), ("hello", "wxyzabc"), ("x", "yz"), ("abc", "defg"),
+           ("q", ""), ("lm", "nopqrs"), ("kd", "jax"), ("t", "uv")]
+  prompts = [TOK.encode(p) for p, _ in texts]
+  completions = [list(c.encode()) + [TOK.eos_id] for _, c in texts]
+  return {k: jnp.asarray(v) for k, v in
+          lm.make_lm_batch(prompts, completions, seq_len).items()}
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("token_kd", {"ce_weight": 0.5}), ("lean_kd", {"divergence": "jsd"}),
+    ("seq_kd", {}), ("gkd", {"lmbda": 0.0})])
+def test_accumulation_is_the_mean_over_the_global_batch_tokens(
+    name, overrides, models):
+  """One step on 8 ragged examples equals four accumulated micro-batches of
+  2: every objective's loss is the mean over the completion tokens of the
+  whole batch (sequence KD over the teacher's greedy continuations; GKD with
+  lmbda 0, on the data, since on-policy samples differ per micro-batch)."""
+  s_vars, t_vars = models
+  batch = ragged_batch()
+  tokens = batch["loss_mask"].reshape(4, 2, -1).sum(axis=(1, 2))
+  strided = batch["loss_mask"].reshape(2, 4, -1).sum(axis=(0, 2))
+  assert len(set(np.asarray(strided).tolist())) > 1, (tokens, strided)
+  optimizer = optax.sgd(0.5)
+  state = train.create_state(s_vars, optimizer, rng=jax.random.key(42))
+  spec = lm.get_lm_objective(name, **overrides)
+
+  def step(k):
+    built = lm.build_lm_objective_step(
+        spec, S_APPLY, T_APPLY, optimizer, vocab_size=V,
+        student_lean_apply=S_LEAN, teacher_lean_apply=T_LEAN,
+        student_rollout=lambda s: lm.make_rollout_fn(S_APPLY.module, s),
+        teacher_rollout=lambda s: lm.make_rollout_fn(T_APPLY.module, s),
+        sampling_fields=SAMPLING_FIELDS, accumulation_steps=k, policy=None,
+        checks=False)
+    return train.compile_step(built, donate=False)(state, t_vars, batch)
+
+  (full, m_full), (acc, m_acc) = step(1), step(4)
+  np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=2e-5)
+  moved = max(float(np.abs(np.asarray(a - b)).max()) for a, b in zip(
+      jax.tree.leaves(full.params), jax.tree.leaves(state.params)))
+  assert moved > 1e-3
+  for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(full.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
