@@ -66,6 +66,7 @@ class TokenExamples:
       first).
     completions: the completion ids of each example (the loss tokens).
     sources: each example's record, as ``"<file>, line <n>"``.
+    paths: each example's file.
     skipped: reason -> records skipped (``on_error="skip"``), and
       ``"late_turn"`` -> assistant turns of kept conversations that start
       past ``seq_len`` (always skipped: the record's earlier turns stay).
@@ -75,6 +76,7 @@ class TokenExamples:
   prompts: tuple[tuple[int, ...], ...]
   completions: tuple[tuple[int, ...], ...]
   sources: tuple[str, ...]
+  paths: tuple[str, ...]
   skipped: Mapping[str, int]
   first_skipped: Mapping[str, str]
   truncated: int
@@ -137,7 +139,7 @@ def record_examples(records: Iterable[Record], tokenizer: Any, seq_len: int,
   """
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
-  prompts, completions, sources = [], [], []
+  prompts, completions, sources, paths = [], [], [], []
   skipped: collections.Counter = collections.Counter()
   first: dict[str, str] = {}
   truncated = 0
@@ -185,5 +187,6 @@ def record_examples(records: Iterable[Record], tokenizer: Any, seq_len: int,
       prompts.append(tuple(prompt))
       completions.append(tuple(completion))
       sources.append(record.where)
+      paths.append(record.path)
   return TokenExamples(tuple(prompts), tuple(completions), tuple(sources),
-                       dict(skipped), first, truncated)
+                       tuple(paths), dict(skipped), first, truncated)

@@ -413,6 +413,7 @@ class LMData:
   held_out: tuple
   batches: Optional["lm.LMBatches"]
   packing_efficiency: Optional[float] = None
+  held_out_paths: Optional[tuple] = None  # records: each held-out example's file
 
 
 def chat_template(config: Mapping[str, Any]) -> "lm.ChatTemplate":
@@ -457,9 +458,11 @@ def token_examples(config: Mapping[str, Any], records, tokenizer,
 
 def _record_sequences(config: Mapping[str, Any], corpus: Mapping[str, Any],
                       tokenizer, train: bool,
-                      out: Callable[[str], None]) -> tuple[tuple, tuple]:
+                      out: Callable[[str], None]
+                      ) -> tuple[tuple, tuple, tuple]:
   """The held-out and training ``(prompts, completions)`` of a record
-  corpus (the first ``max_eval_sequences`` / ``max_train_sequences``)."""
+  corpus (the first ``max_eval_sequences`` / ``max_train_sequences``), and
+  the held-out examples' files."""
   d = config["data"]
   records = corpus["records"]
   chats = any(r.is_chat for split in records.values() for r in split)
@@ -477,12 +480,14 @@ def _record_sequences(config: Mapping[str, Any], corpus: Mapping[str, Any],
     ex = token_examples(config, records[split], tokenizer, template)
     cap = d["max_eval_sequences" if split == "eval" else "max_train_sequences"]
     found[split] = (ex.prompts[:cap], ex.completions[:cap])
+    if split == "eval":
+      paths = ex.paths[:cap]
     out(f"[lm] {'held-out' if split == 'eval' else 'training'} data: "
         f"{len(records[split])} records -> {ex.summary()}"
         + (f"; using the first {cap}" if cap and len(ex) > cap else ""))
   for line in corpus.get("skipped", ()):
     out(f"[lm] {line}")
-  return found["eval"], found.get("train", ((), ()))
+  return found["eval"], found.get("train", ((), ())), paths
 
 
 def load_data(config: Mapping[str, Any],
@@ -506,9 +511,10 @@ def load_data(config: Mapping[str, Any],
     tokenizer = build_tokenizer(config, corpus, out)
   if teacher:
     check_teacher_tokenizer(config, tokenizer, teacher_dir)
+  held_out_paths = None
   if "records" in corpus:
-    held_out, train_seqs = _record_sequences(config, corpus, tokenizer, train,
-                                             out)
+    held_out, train_seqs, held_out_paths = _record_sequences(
+        config, corpus, tokenizer, train, out)
   else:
     held_out = lm.token_windows(corpus["eval"], tokenizer, d["seq_len"],
                                 d["prompt_len"], d["max_eval_sequences"])
@@ -534,4 +540,4 @@ def load_data(config: Mapping[str, Any],
     train_seqs, efficiency = (), None
   return LMData(corpus=corpus, tokenizer=tokenizer, train=train_seqs,
                 held_out=held_out, batches=batches,
-                packing_efficiency=efficiency)
+                packing_efficiency=efficiency, held_out_paths=held_out_paths)

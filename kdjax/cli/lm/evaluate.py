@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import lm
 from kdjax.cli import errors
@@ -49,36 +50,49 @@ class LMEvaluator:
     vocab = tok.vocab_size
     t_apply = None if teacher is None else teacher.model.apply
 
-    def nll_sum(logits, batch):
+    def nll_rows(logits, batch):
       logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)[..., :vocab])
       nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-      return jnp.sum(nll * batch["loss_mask"])
+      return jnp.sum(nll * batch["loss_mask"], axis=-1)
 
-    def sums(s_vars, t_vars, batch):
+    def divergence_rows(s_logits, t_logits, mask):
+      def one(s, t, m):
+        return lm.token_divergence_sums(
+            s[None], t[None], m[None], vocab_size=vocab,
+            divergence=self.divergence)[0]
+      return jax.vmap(one)(jnp.asarray(s_logits, jnp.float32),
+                           jnp.asarray(t_logits, jnp.float32), mask)
+
+    def rows(s_vars, t_vars, batch):
+      """Per-sequence sums over the loss-mask tokens."""
       s_logits = student.apply(s_vars, batch).logits
-      out = {"nll": nll_sum(s_logits, batch),
-             "tokens": jnp.sum(batch["loss_mask"])}
+      out = {"nll": nll_rows(s_logits, batch),
+             "tokens": jnp.sum(batch["loss_mask"], axis=-1)}
       if t_apply is not None:
         t_logits = t_apply(t_vars, batch).logits
-        out["teacher_nll"] = nll_sum(t_logits, batch)
-        out["divergence"] = lm.token_divergence_sums(
-            jnp.asarray(s_logits, jnp.float32), jnp.asarray(t_logits,
-                                                            jnp.float32),
-            batch["loss_mask"], vocab_size=vocab,
-            divergence=self.divergence)[0]
+        out["teacher_nll"] = nll_rows(t_logits, batch)
+        out["divergence"] = divergence_rows(s_logits, t_logits,
+                                            batch["loss_mask"])
       return out
 
-    self._sums = jax.jit(sums)
+    self._rows = jax.jit(rows)
 
-  def __call__(self, state_or_variables) -> dict:
+  def sequence_sums(self, state_or_variables) -> dict:
+    """Per held-out sequence (in order): ``{"nll", "tokens"[,
+    "teacher_nll", "divergence"]}`` float64 arrays of sums over its
+    loss-mask tokens."""
     variables = (state_or_variables.student_variables()
                  if hasattr(state_or_variables, "student_variables")
                  else state_or_variables)
-    total = None
-    for batch in self.batches:
-      s = self._sums(variables, self._teacher_vars, batch)
-      total = s if total is None else jax.tree.map(jnp.add, total, s)
-    total = {k: float(v) for k, v in jax.device_get(total).items()}
+    parts = [jax.device_get(self._rows(variables, self._teacher_vars, batch))
+             for batch in self.batches]
+    return {k: np.concatenate([np.asarray(p[k], np.float64) for p in parts]
+                              )[:self.num_sequences] for k in parts[0]}
+
+  def report(self, sums: Mapping[str, Any]) -> dict:
+    """Loss, perplexity (and the teacher's, and the divergence) of summed
+    ``sums`` (all sequences, or a subset's)."""
+    total = {k: float(np.sum(v)) for k, v in sums.items()}
     n = max(total["tokens"], 1.0)
     report = {"loss": total["nll"] / n,
               "perplexity": math.exp(min(total["nll"] / n, 700.0))}
@@ -88,6 +102,20 @@ class LMEvaluator:
       report[f"teacher_{self.divergence}"] = total["divergence"] / n
     report["tokens"] = total["tokens"]
     return report
+
+  def __call__(self, state_or_variables) -> dict:
+    return self.report(self.sequence_sums(state_or_variables))
+
+
+def per_file(sums: Mapping[str, Any], paths: Sequence[str]) -> dict:
+  """``{file: {sum name: float}}``: the held-out sequences' sums by file
+  (e.g. for a confidence interval over held-out modules)."""
+  out: dict = {}
+  for i, path in enumerate(paths):
+    entry = out.setdefault(path, {k: 0.0 for k in sums})
+    for k, v in sums.items():
+      entry[k] += float(v[i])
+  return out
 
 
 def _run_and_model(run_dir: str, overrides: Sequence[str]):
@@ -119,7 +147,9 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
   data = _lm_data.load_data(run.config, tokenizer, train=False, out=out)
   with errors.during_run():
     t0 = time.perf_counter()
-    report = LMEvaluator(run.config, model, teacher, data)(variables)
+    evaluator = LMEvaluator(run.config, model, teacher, data)
+    sums = evaluator.sequence_sums(variables)
+    report = evaluator.report(sums)
     result = {"run": os.path.abspath(run_dir), "step": run.latest_step(),
               "model": model.description,
               "params": _lm_models.param_count(variables),
@@ -127,6 +157,8 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
               "held_out_files": len(data.corpus["files"]["eval"]),
               "held_out_sequences": len(data.held_out[0]),
               "eval_s": time.perf_counter() - t0, **report}
+    if data.held_out_paths is not None:
+      result["per_file"] = per_file(sums, data.held_out_paths)
     runs.write_json(os.path.join(run_dir, runs.EVAL_FILE), result)
   out(f"[lm eval] {run_dir} (step {result['step']}, {model.description}): "
       f"held-out perplexity {report['perplexity']:.3f} over "

@@ -273,3 +273,27 @@ def test_a_tokenizer_without_the_templates_tokens_is_refused(tmp_path):
   with pytest.raises(errors.UsageError,
                      match=r"'<\|im_end\|>' \(\d+ ids\).*tokenizer.kind"):
     _lm_data.load_data(config, out=_quiet)
+
+
+def test_eval_writes_per_file_sums(tmp_path):
+  """`kdjax lm eval` on records: eval.json's per-file sums add up to the
+  totals (what a confidence interval over held-out files resamples)."""
+  rows = _pairs(30)
+  train = _write_jsonl(tmp_path / "train.jsonl", rows[:20])
+  held = [_write_jsonl(tmp_path / f"held_{i}.jsonl", rows[20 + 5 * i:25 + 5 * i])
+          for i in range(2)]
+  sets = [f"output_dir={tmp_path / 'run'}", "data.corpus=files",
+          "data.format=jsonl", f"data.paths=[{train}]",
+          f"data.eval_paths=[{held[0]}, {held[1]}]", "train.steps=2"]
+  rc, _, err = _run(["lm", "train-teacher", "--config", LM_TINY, "--set",
+                     *sets])
+  assert rc == 0, err
+  rc, _, err = _run(["lm", "eval", str(tmp_path / "run" / "teacher")])
+  assert rc == 0, err
+  with open(tmp_path / "run" / "teacher" / "eval.json") as f:
+    result = json.load(f)
+  assert sorted(result["per_file"]) == sorted(held)
+  nll = sum(v["nll"] for v in result["per_file"].values())
+  tokens = sum(v["tokens"] for v in result["per_file"].values())
+  assert tokens == result["tokens"]
+  np.testing.assert_allclose(nll / tokens, result["loss"], rtol=1e-6)
