@@ -53,10 +53,13 @@ the writer holds one shard's offsets and a 1 Mi-id buffer, never the tokens.
 Each open shard holds three memory maps (three file descriptors): keep
 ``shard_examples`` large (default 2**20).
 
-Several processes: write the cache from one process (or from all: the
-first rename wins and the others reuse it when the fingerprints agree),
-then open it in each; :class:`kdjax.lm.LMBatches` gives each process its
-rows of every global batch (``process_index``/``process_count``).
+Several processes (a shared file system): write the cache from process 0,
+wait for it (a barrier), then open it in each (:func:`open_token_cache`
+with the fingerprint); :class:`kdjax.lm.LMBatches` gives each process its
+rows of every global batch (``process_index``/``process_count``). Writers
+racing to create a new cache of one fingerprint are safe (the first rename
+wins, the others reuse it); racing ``on_mismatch="rebuild"`` writers are
+not.
 """
 
 from __future__ import annotations
@@ -466,8 +469,8 @@ def write_token_cache(directory: Union[str, os.PathLike],
   """Writes ``examples`` to a token cache in ``directory`` (or reuses it).
 
   Args:
-    directory: the cache's directory (its parent must exist); made by the
-      final rename.
+    directory: the cache's directory (its parents are made); the cache
+      appears there by the final rename.
     examples: ``(prompt_ids, completion_ids)`` pairs (id sequences or 1-D
       integer arrays), e.g. ``zip(ex.prompts, ex.completions)`` of
       :func:`kdjax.lm.record_examples`, or a generator that tokenizes as it
@@ -523,6 +526,7 @@ def write_token_cache(directory: Union[str, os.PathLike],
             "(on_mismatch='rebuild').")
       replace = True
   parent, name = os.path.split(directory)
+  os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
   os.mkdir(tmp)
   try:
@@ -533,7 +537,11 @@ def write_token_cache(directory: Union[str, os.PathLike],
     if replace:
       old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
       os.rename(directory, old)
-      os.rename(tmp, directory)
+      try:
+        os.rename(tmp, directory)
+      except OSError:
+        os.rename(old, directory)  # the old cache back
+        raise
       shutil.rmtree(old, ignore_errors=True)
     else:
       try:
