@@ -22,7 +22,9 @@ Face renders them, with assistant masks (``load_chat_template``,
 ``apply_chat_template``, ``encode_prompt_completion``), token windows of texts and resumable
 shuffled batches (``token_windows``, ``LMBatches``), packing of short examples
 into long rows with block-diagonal attention (``pack_examples``,
-``make_packed_batch``), and a model bundled with
+``make_packed_batch``), a token cache on disk for data larger than memory,
+memory-mapped and batched in place of the lists (``write_token_cache``,
+``open_token_cache``, ``TokenCache``), and a model bundled with
 its apply, lean-apply and generation functions (``LMModel``:
 ``decoder_lm_model``, ``tunix_lm_model``; ``NNXParams``).
 """
@@ -63,11 +65,14 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
         "build_lm_objective_step", "get_lm_objective", "lm_objectives_table"),
     "._onpolicy": ("make_gkd_train_step", "make_sequence_kd_step"),
     "._packing": ("POSITIONS_KEY", "SEGMENT_IDS_KEY", "check_unpacked",
-        "is_packed", "make_packed_batch", "pack_examples",
+        "is_packed", "make_packed_batch", "pack_examples", "pack_lengths",
         "packed_attention_mask", "packing_efficiency", "segment_positions"),
     "._records": ("Record", "RecordError", "RecordSet", "read_records"),
     "._stdlib_functions": ("StdlibFunctionSummary", "stdlib_function_records",
         "stdlib_function_summary", "stdlib_module_split", "stdlib_modules"),
+    "._token_cache": ("TokenCache", "TokenCacheError",
+        "TokenCacheMismatchError", "open_token_cache",
+        "token_cache_fingerprint", "write_token_cache"),
     "._tokenizer": ("TOKENIZER_FILE", "SpecialTokenError", "Tokenizer", "TokenizerError",
         "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
         "load_tokenizer", "tokenizer_from_json", "train_bpe"),
@@ -117,12 +122,15 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
   from kdjax.lm._onpolicy import make_gkd_train_step, make_sequence_kd_step
   from kdjax.lm._packing import (
       POSITIONS_KEY, SEGMENT_IDS_KEY, check_unpacked, is_packed,
-      make_packed_batch, pack_examples, packed_attention_mask,
+      make_packed_batch, pack_examples, pack_lengths, packed_attention_mask,
       packing_efficiency, segment_positions)
   from kdjax.lm._records import Record, RecordError, RecordSet, read_records
   from kdjax.lm._stdlib_functions import (
       StdlibFunctionSummary, stdlib_function_records, stdlib_function_summary,
       stdlib_module_split, stdlib_modules)
+  from kdjax.lm._token_cache import (
+      TokenCache, TokenCacheError, TokenCacheMismatchError, open_token_cache,
+      token_cache_fingerprint, write_token_cache)
   from kdjax.lm._tokenizer import (
       TOKENIZER_FILE, SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
       byte_tokenizer, check_same_tokenizer, load_tokenizer,

@@ -95,6 +95,49 @@ def pack_examples(prompts: Sequence[Ids], completions: Sequence[Ids],
     raise ValueError(f"seq_len must be at least 1, got {seq_len}.")
   sizes = np.asarray([_slots(p, c, seq_len, i) for i, (p, c)
                       in enumerate(zip(prompts, completions))], np.int64)
+  return _first_fit_decreasing(sizes, seq_len)
+
+
+def pack_lengths(prompt_lens: Union[Sequence[int], np.ndarray],
+                 completion_lens: Union[Sequence[int], np.ndarray],
+                 seq_len: int) -> list[tuple[int, ...]]:
+  """:func:`pack_examples` from the examples' lengths alone.
+
+  The rows depend on the lengths only, so an example source that knows its
+  lengths without reading its tokens (:meth:`kdjax.lm.TokenCache.lengths`)
+  is packed without reading them: ``pack_lengths([len(p) for p in
+  prompts], [len(c) for c in completions], L) == pack_examples(prompts,
+  completions, L)``, errors included.
+
+  Args:
+    prompt_lens: ``n`` prompt lengths, each in ``[1, seq_len]``.
+    completion_lens: ``n`` completion lengths (``>= 0``).
+    seq_len: ``L``, the slots of a row.
+
+  Returns:
+    The rows of :func:`pack_examples`.
+
+  Raises:
+    ValueError: as for :func:`pack_examples`, or a negative completion
+      length.
+  """
+  p = np.asarray(prompt_lens, np.int64).reshape(-1)
+  c = np.asarray(completion_lens, np.int64).reshape(-1)
+  if p.shape != c.shape:
+    raise ValueError(f"{p.size} prompts but {c.size} completions.")
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be at least 1, got {seq_len}.")
+  bad = np.flatnonzero((p < 1) | (p > seq_len) | (c < 0))
+  if bad.size:
+    i = int(bad[0])
+    _slots(range(p[i]), (), seq_len, i)  # a bad prompt: _slots' own error
+    raise ValueError(f"completion {i} has a negative length ({c[i]}).")
+  return _first_fit_decreasing(np.minimum(p + c, seq_len + 1) - 1, seq_len)
+
+
+def _first_fit_decreasing(sizes: np.ndarray, seq_len: int
+                          ) -> list[tuple[int, ...]]:
+  """The rows of first-fit decreasing of examples of ``sizes`` slots."""
   order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] > 0]
   if not order:
     return []
