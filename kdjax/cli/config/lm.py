@@ -105,6 +105,15 @@ LM_SCHEMA: dict = {
                       "records, whose examples are short); data.batch_size "
                       "then counts rows; not with distill.objective gkd or "
                       "seq_kd, which generate from one prompt a row"),
+        "cache_dir": Field(None, "str", "tokenize the training sequences "
+                           "once into <cache_dir>/train (kdjax.lm token "
+                           "cache: int32 .npy shards, memory-mapped while "
+                           "training) and reuse it while the tokenizer, the "
+                           "training data and these data keys are unchanged; "
+                           "a cache of other inputs is refused",
+                           nullable=True),
+        "cache_rebuild": Field(False, "bool", "rebuild data.cache_dir when "
+                               "its inputs changed (instead of refusing)"),
         "pattern": Field("*.py", "str", "file-name pattern of the files read "
                          "from a directory"),
         "max_files": Field(400, "int", "read only the first N files (in "

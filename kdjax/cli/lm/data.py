@@ -387,15 +387,16 @@ def train_batches(prompts, completions, batch_size: int, seq_len: int,
     raise errors.BatchSizeError(f"config key 'data.batch_size': {e}") from None
 
 
-def packing_efficiency(batches: "lm.LMBatches", prompts, completions,
+def packing_efficiency(batches: "lm.LMBatches", prompt_lens, completion_lens,
                        seq_len: int) -> Optional[float]:
   """The fraction of the packed rows' slots that hold tokens (None when the
   batches are not packed)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
   if batches.packed_rows is None:
     return None
-  slots = sum(min(len(p) + len(c), seq_len + 1) - 1
-              for p, c in zip(prompts, completions))
-  return slots / (len(batches.packed_rows) * seq_len)
+  used = np.minimum(np.asarray(prompt_lens) + np.asarray(completion_lens),
+                    seq_len + 1) - 1
+  return float(used.sum()) / (len(batches.packed_rows) * seq_len)
 
 
 # -----------------------------------------------------------------------------
@@ -456,38 +457,79 @@ def token_examples(config: Mapping[str, Any], records, tokenizer,
                            "'data.on_error')") from None
 
 
-def _record_sequences(config: Mapping[str, Any], corpus: Mapping[str, Any],
-                      tokenizer, train: bool,
-                      out: Callable[[str], None]
-                      ) -> tuple[tuple, tuple, tuple]:
-  """The held-out and training ``(prompts, completions)`` of a record
-  corpus (the first ``max_eval_sequences`` / ``max_train_sequences``), and
-  the held-out examples' files."""
-  d = config["data"]
+def _template_of(config: Mapping[str, Any], corpus: Mapping[str, Any],
+                 tokenizer) -> Optional["lm.ChatTemplate"]:
+  """The chat template when the records hold conversations (its special
+  tokens checked against the tokenizer), else None."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
   records = corpus["records"]
-  chats = any(r.is_chat for split in records.values() for r in split)
-  template = chat_template(config) if chats else None
-  if template is not None:
-    from kdjax import lm  # pylint: disable=g-import-not-at-top
-    try:
-      lm.check_chat_template_tokens(template, tokenizer)
-    except lm.ChatTemplateError as e:
-      raise ConfigError(f"{e} (config keys 'tokenizer.kind', "
-                        "'tokenizer.path', 'data.chat_template')") from None
-  splits = ("eval", "train") if train else ("eval",)
-  found = {}
-  for split in splits:
-    ex = token_examples(config, records[split], tokenizer, template)
-    cap = d["max_eval_sequences" if split == "eval" else "max_train_sequences"]
-    found[split] = (ex.prompts[:cap], ex.completions[:cap])
-    if split == "eval":
-      paths = ex.paths[:cap]
-    out(f"[lm] {'held-out' if split == 'eval' else 'training'} data: "
-        f"{len(records[split])} records -> {ex.summary()}"
-        + (f"; using the first {cap}" if cap and len(ex) > cap else ""))
-  for line in corpus.get("skipped", ()):
-    out(f"[lm] {line}")
-  return found["eval"], found.get("train", ((), ())), paths
+  if not any(r.is_chat for split in records.values() for r in split):
+    return None
+  template = chat_template(config)
+  try:
+    lm.check_chat_template_tokens(template, tokenizer)
+  except lm.ChatTemplateError as e:
+    raise ConfigError(f"{e} (config keys 'tokenizer.kind', "
+                      "'tokenizer.path', 'data.chat_template')") from None
+  return template
+
+
+def _split_sequences(config: Mapping[str, Any], corpus: Mapping[str, Any],
+                     tokenizer, split: str, template,
+                     out: Callable[[str], None]) -> tuple[tuple, tuple, tuple]:
+  """``(prompts, completions, files)`` of one split (``"train"``/``"eval"``):
+  text windows, or one example per record (per assistant turn); the first
+  ``max_train_sequences`` / ``max_eval_sequences``."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  d = config["data"]
+  cap = d["max_eval_sequences" if split == "eval" else "max_train_sequences"]
+  if "records" not in corpus:
+    prompts, completions = lm.token_windows(
+        corpus[split], tokenizer, d["seq_len"], d["prompt_len"], cap)
+    return prompts, completions, ()
+  records = corpus["records"][split]
+  ex = token_examples(config, records, tokenizer, template)
+  out(f"[lm] {'held-out' if split == 'eval' else 'training'} data: "
+      f"{len(records)} records -> {ex.summary()}"
+      + (f"; using the first {cap}" if cap and len(ex) > cap else ""))
+  return ex.prompts[:cap], ex.completions[:cap], ex.paths[:cap]
+
+
+def _cached_train_sequences(config: Mapping[str, Any],
+                            corpus: Mapping[str, Any], tokenizer, template,
+                            out: Callable[[str], None]):
+  """The training sequences through the token cache in ``data.cache_dir``:
+  tokenized once (and reused while the tokenizer, the training data and the
+  data keys are unchanged), memory-mapped."""
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  d = config["data"]
+  keys = ("corpus", "format", "seq_len", "prompt_len", "max_train_sequences",
+          "last_turn_only", "on_error", "prompt_field", "completion_field",
+          "messages_field")
+  parts = {"tokenizer": tokenizer.fingerprint,
+           "data": corpus_fingerprint(corpus),
+           "chat_template": (None if template is None else hashlib.sha256(
+               template.source.encode()).hexdigest()[:16]),
+           **{k: d[k] for k in keys}}
+  built = []
+
+  def examples():
+    prompts, completions, _ = _split_sequences(config, corpus, tokenizer,
+                                               "train", template, out)
+    built.append(len(prompts))
+    yield from zip(prompts, completions)
+
+  path = os.path.join(d["cache_dir"], "train")
+  try:
+    cache = lm.write_token_cache(
+        path, examples(), fingerprint=parts,
+        on_mismatch="rebuild" if d["cache_rebuild"] else "error")
+  except lm.TokenCacheError as e:
+    raise ConfigError(f"config key 'data.cache_dir': {e} (set "
+                      "data.cache_rebuild=true to rebuild it)") from None
+  out(f"[lm] token cache {path}: {len(cache)} training sequences, "
+      f"{cache.num_tokens} tokens" + (" (written)" if built else " (reused)"))
+  return cache
 
 
 def load_data(config: Mapping[str, Any],
@@ -502,7 +544,6 @@ def load_data(config: Mapping[str, Any],
   With ``teacher``, the teacher (``teacher.hf_path``, else the run in
   ``teacher_dir``) must be on disk (checked before any file is read) and
   tokenize alike."""
-  from kdjax import lm  # pylint: disable=g-import-not-at-top
   if teacher:
     check_teacher_exists(config, teacher_dir)
   d = config["data"]
@@ -511,33 +552,39 @@ def load_data(config: Mapping[str, Any],
     tokenizer = build_tokenizer(config, corpus, out)
   if teacher:
     check_teacher_tokenizer(config, tokenizer, teacher_dir)
-  held_out_paths = None
-  if "records" in corpus:
-    held_out, train_seqs, held_out_paths = _record_sequences(
-        config, corpus, tokenizer, train, out)
+  template = _template_of(config, corpus, tokenizer) if (
+      "records" in corpus) else None
+  *held_out, held_out_paths = _split_sequences(config, corpus, tokenizer,
+                                               "eval", template, out)
+  held_out = tuple(held_out)
+  if not train:
+    train_seqs = ()
+  elif d["cache_dir"]:
+    cache = _cached_train_sequences(config, corpus, tokenizer, template, out)
+    train_seqs = (cache.prompts, cache.completions)
+    lengths = cache.lengths()
   else:
-    held_out = lm.token_windows(corpus["eval"], tokenizer, d["seq_len"],
-                                d["prompt_len"], d["max_eval_sequences"])
-    train_seqs = ((), ())
-    if train:
-      train_seqs = lm.token_windows(corpus["train"], tokenizer, d["seq_len"],
-                                    d["prompt_len"], d["max_train_sequences"])
+    train_seqs = _split_sequences(config, corpus, tokenizer, "train",
+                                  template, out)[:2]
+    lengths = tuple([len(x) for x in seqs] for seqs in train_seqs)
+  for line in corpus.get("skipped", ()):
+    out(f"[lm] {line}")
   if not held_out[0]:
     raise errors.MissingDataError(
         f"the held-out data ({len(corpus['files']['eval'])} files) holds no "
         f"sequence of {d['seq_len'] + 1} tokens; add data or lower "
         "data.seq_len.")
-  batches = None
+  batches, efficiency = None, None
   if train:
-    batches = train_batches(*train_seqs, d["batch_size"], d["seq_len"],
+    source = (cache, None) if d["cache_dir"] else train_seqs
+    batches = train_batches(*source, d["batch_size"], d["seq_len"],
                             tokenizer.pad_id, config["seed"], pack=d["pack"])
-    efficiency = packing_efficiency(batches, *train_seqs, d["seq_len"])
+    efficiency = packing_efficiency(batches, *lengths, d["seq_len"])
     if efficiency is not None:
       out(f"[lm] packed {len(train_seqs[0])} training sequences into "
           f"{len(batches.packed_rows)} rows of {d['seq_len']} tokens: "
           f"packing efficiency {efficiency:.3f} (non-pad fraction)")
-  else:
-    train_seqs, efficiency = (), None
   return LMData(corpus=corpus, tokenizer=tokenizer, train=train_seqs,
                 held_out=held_out, batches=batches,
-                packing_efficiency=efficiency, held_out_paths=held_out_paths)
+                packing_efficiency=efficiency,
+                held_out_paths=held_out_paths or None)

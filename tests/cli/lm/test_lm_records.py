@@ -297,3 +297,34 @@ def test_eval_writes_per_file_sums(tmp_path):
   tokens = sum(v["tokens"] for v in result["per_file"].values())
   assert tokens == result["tokens"]
   np.testing.assert_allclose(nll / tokens, result["loss"], rtol=1e-6)
+
+
+def test_token_cache_is_written_once_and_reused(tmp_path):
+  """data.cache_dir: the training sequences are tokenized once, read back
+  memory-mapped with the same batches; other inputs are refused."""
+  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
+  sets = ["data.format=jsonl", f"data.paths=[{path}]", "data.eval_every=10",
+          f"data.cache_dir={tmp_path / 'cache'}"]
+  lines = []
+  first = _lm_data.load_data(_config(tmp_path / "run", *sets),
+                             out=lines.append)
+  again_lines = []
+  again = _lm_data.load_data(_config(tmp_path / "run", *sets),
+                             out=again_lines.append)
+  plain = _lm_data.load_data(_config(tmp_path / "run", *sets[:3]),
+                             out=_quiet)
+  assert any("(written)" in line for line in lines)
+  assert any("(reused)" in line for line in again_lines)
+  assert not any("training data:" in line for line in again_lines)
+  for step in (0, 3, 7):  # across an epoch boundary (36 sequences / 8)
+    a, b = again.batches.batch_at(step), plain.batches.batch_at(step)
+    for key in b:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert len(first.train[0]) == len(plain.train[0]) == 36
+  with pytest.raises(errors.UsageError, match="data.cache_dir"):
+    _lm_data.load_data(_config(tmp_path / "run", *sets, "data.seq_len=48"),
+                       out=_quiet)
+  rebuilt = _lm_data.load_data(_config(tmp_path / "run", *sets,
+                                       "data.seq_len=48",
+                                       "data.cache_rebuild=true"), out=_quiet)
+  assert len(rebuilt.train[0]) == 36
