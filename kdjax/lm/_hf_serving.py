@@ -40,20 +40,24 @@ two sources:
   are not carried.
 
 * **No source directory** (a kdjax-trained tokenizer, or a bare
-  ``tokenizers.Tokenizer``): ``config.json``'s ``bos_token_id`` /
-  ``eos_token_id`` / ``pad_token_id`` are a :class:`kdjax.lm.Tokenizer`'s
-  ``bos_id`` / ``eos_id`` / ``pad_id`` (the ids the student was trained and
-  generates with; they replace ``hf_config``'s) -- with a source that has a
-  ``generation_config.json`` they only fill the ids ``config.json`` and that
-  file lack. ``generation_config.json`` holds ``config.json``'s three ids.
+  ``tokenizers.Tokenizer``): ``generation_config.json`` holds
+  ``config.json``'s ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``;
   ``tokenizer_config.json`` is ``{"tokenizer_class":
   "PreTrainedTokenizerFast", "bos_token", "eos_token", "pad_token",
   "model_max_length", "clean_up_tokenization_spaces": false}``: the special
-  tokens are the strings of ``config.json``'s three ids (the first of a
-  list) in ``tokenizer.json``, ``model_max_length`` is ``config.json``'s
+  tokens are the strings of those ids (the first of a list) in
+  ``tokenizer.json``, ``model_max_length`` is ``config.json``'s
   ``max_position_embeddings``; so ``AutoTokenizer.from_pretrained`` encodes
   with ``tokenizer.json`` exactly as kdjax does (no family tokenizer class
   that re-splits text) and names the same special tokens.
+
+``config.json``'s token ids, given a :class:`kdjax.lm.Tokenizer` (whose
+``bos_id`` / ``eos_id`` / ``pad_id`` the student was trained and generates
+with): when no source file names special tokens (no source, or one without
+``generation_config.json`` and ``tokenizer_config.json``) the tokenizer's ids
+replace ``hf_config``'s; otherwise they only fill the ids that
+``config.json`` and the source's generation config both lack
+(:func:`fill_config_ids`).
 
 Each of ``tokenizer.json``, :data:`CARRIED_FILES` and
 ``additional_chat_templates/`` that is already in the export directory but not
@@ -124,18 +128,22 @@ def fill_config_ids(cfg: MutableMapping[str, Any], *,
   """Sets ``cfg``'s (a ``config.json`` dict's) ``bos_token_id`` /
   ``eos_token_id`` / ``pad_token_id``.
 
-  Without a ``generation_config.json`` in ``source_dir``, ``special_ids``
-  (a kdjax tokenizer's, those the student was trained and generates with)
-  replace ``cfg``'s. Otherwise the ids ``cfg`` lacks are taken from the
-  source's generation config, then from ``special_ids``; those it has are
-  kept.
+  Without a ``generation_config.json`` or ``tokenizer_config.json`` in
+  ``source_dir`` (which name the special tokens a serving tool uses),
+  ``special_ids`` (a kdjax tokenizer's, those the student was trained and
+  generates with) replace ``cfg``'s. Otherwise the ids ``cfg`` lacks are
+  taken from the source's generation config, then from ``special_ids``;
+  those it has are kept.
   """
   gen = None
+  decided = False
   if source_dir is not None:
     file = os.path.join(source_dir, GENERATION_CONFIG)
     if os.path.isfile(file):
       gen = _read_json(file)
-  if gen is None and special_ids is not None:
+    decided = gen is not None or os.path.isfile(
+        os.path.join(source_dir, TOKENIZER_CONFIG))
+  if not decided and special_ids is not None:
     cfg.update(special_ids)
     return
   for key in SPECIAL_ID_KEYS:
