@@ -422,14 +422,25 @@ def student_from_teacher(
 
 def save_hf_checkpoint(path: str, family: str, model: Any, *,
                        hf_config: Optional[Mapping[str, Any]] = None,
-                       tokenizer: Optional[HFTokenizer] = None,
-                       dtype: Any = None) -> str:
+                       tokenizer: Any = None,
+                       dtype: Any = None,
+                       tokenizer_files_from: Optional[str] = None) -> str:
   """Write ``model`` as a Hugging Face directory that loads again.
 
-  Writes ``config.json`` (:func:`hf_config_from_model`),
-  ``model.safetensors`` (:func:`hf_state_dict`, metadata ``format: pt`` as
-  transformers expects) and, given one, ``tokenizer.json``. Files of those
-  names in ``path`` are replaced; others are left alone.
+  Writes ``config.json`` (:func:`hf_config_from_model`; the dtype under both
+  ``torch_dtype`` and transformers 5's ``dtype``), ``model.safetensors``
+  (:func:`hf_state_dict`, metadata ``format: pt`` as transformers expects)
+  and, given a tokenizer or ``tokenizer_files_from``, the files a serving
+  tool reads beside them: ``tokenizer.json``, ``tokenizer_config.json``,
+  ``generation_config.json`` and those the source directory has
+  (``special_tokens_map.json``, ``chat_template.jinja``,
+  ``additional_chat_templates/``, ``tokenizer.model``, ...), each with the
+  rules of :mod:`kdjax.lm._hf_serving`: carried from ``tokenizer_files_from``
+  (the teacher's directory), else written so that
+  ``transformers.AutoTokenizer.from_pretrained(path)`` encodes as
+  ``tokenizer`` does and names kdjax's special tokens. Files of those names
+  in ``path`` are replaced (and, when tokenizer files are written, such files
+  this export does not write are removed); others are left alone.
 
   Args:
     path: the directory (created).
@@ -437,16 +448,40 @@ def save_hf_checkpoint(path: str, family: str, model: Any, *,
     model: a Tunix Qwen3 / Llama3 / Gemma3 model.
     hf_config: a ``config.json`` to start from (the teacher's keeps its
       token ids, context length, ...).
-    tokenizer: a ``tokenizers.Tokenizer``; its ids must fit the vocabulary.
+    tokenizer: a :class:`kdjax.lm.Tokenizer` (its ``bos_id`` / ``eos_id`` /
+      ``pad_id`` fill ``config.json``'s token ids it lacks and name the
+      special tokens of a ``tokenizer_config.json`` written without a
+      source; a ``"bytes"`` one has no ``tokenizer.json`` to write) or a
+      ``tokenizers.Tokenizer``; its ids must fit the vocabulary. None with
+      ``tokenizer_files_from``: the source's ``tokenizer.json``.
     dtype: cast the tensors (e.g. ``"bfloat16"``); default their own.
+    tokenizer_files_from: a Hugging Face directory (the teacher's) whose
+      tokenizer and generation files are carried; its ``tokenizer.json``
+      must be ``tokenizer``'s when both are given.
 
   Returns:
     ``path``.
+
+  Raises:
+    HFCheckpointError: ``family`` is not the model's; a tokenizer larger than
+      the vocabulary; a token id of ``config.json`` or the generation config
+      outside it; ``tokenizer_files_from`` is not a directory.
+    TokenizerMismatchError: ``tokenizer`` is not the source's tokenizer.
   """
   from safetensors.numpy import save_file
+  from kdjax.lm import _hf_serving  # pylint: disable=g-import-not-at-top
   actual = model_family(model)
   if family != actual:
     raise HFCheckpointError(f"family={family!r} but the model is {actual}")
+  if tokenizer_files_from is not None:
+    tokenizer_files_from = os.fspath(tokenizer_files_from)
+    if not os.path.isdir(tokenizer_files_from):
+      raise HFCheckpointError(
+          f"tokenizer_files_from={tokenizer_files_from!r} is not a directory")
+  special_ids = _hf_serving.special_ids_of(tokenizer)
+  if special_ids is not None:  # a kdjax.lm.Tokenizer
+    text = tokenizer.json_text
+    tokenizer = None if text is None else _tokenizer_from_str(text)
   tensors = hf_state_dict(family, model)
   if dtype is not None:
     dtype = resolve_dtype(dtype, {})
@@ -454,8 +489,14 @@ def save_hf_checkpoint(path: str, family: str, model: Any, *,
   dtypes = {str(v.dtype) for v in tensors.values()}
   cfg = hf_config_from_model(family, model, hf_config,
                              dtype=dtypes.pop() if len(dtypes) == 1 else None)
-  if tokenizer is not None:
-    check_tokenizer_fits(tokenizer, cfg["vocab_size"])
+  serving = (tokenizer is not None or special_ids is not None
+             or tokenizer_files_from is not None)
+  files = None
+  if serving:  # checked before anything is written
+    _hf_serving.fill_config_ids(cfg, source_dir=tokenizer_files_from,
+                                special_ids=special_ids)
+    files = _hf_serving.plan_serving_files(
+        cfg, tokenizer=tokenizer, source_dir=tokenizer_files_from)
   os.makedirs(path, exist_ok=True)
   save_file(tensors, os.path.join(path, WEIGHTS_FILE),
             metadata={"format": "pt"})
@@ -465,6 +506,12 @@ def save_hf_checkpoint(path: str, family: str, model: Any, *,
   with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
     f.write("\n")
-  if tokenizer is not None:
-    tokenizer.save(os.path.join(path, TOKENIZER_FILE))
+  if files is not None:
+    files.write(os.fspath(path))
   return path
+
+
+def _tokenizer_from_str(json_text: str) -> HFTokenizer:
+  """``tokenizers.Tokenizer`` of a ``tokenizer.json`` text."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  return tokenizers.Tokenizer.from_str(json_text)

@@ -474,6 +474,9 @@ def hf_config_from_model(family: str, model,
   sizes, layer count, heads, vocabulary, tying, norm epsilon, RoPE (the
   frequencies the model computes with), Gemma 3's layer types, window and
   query scaling; ``model_type`` / ``architectures`` of the text model.
+  ``dtype`` (the tensors' dtype) is written under both ``torch_dtype``
+  (transformers 4) and ``dtype`` (transformers 5); None keeps
+  ``hf_config``'s.
   """
   config = model.config
   cfg = _text_config(hf_config or {})
@@ -490,9 +493,8 @@ def hf_config_from_model(family: str, model,
       num_attention_heads=config.num_heads,
       num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
       tie_word_embeddings=tied(family, config), attention_bias=False)
-  if dtype is not None:
-    cfg.pop("dtype", None)
-    cfg["torch_dtype"] = str(dtype)
+  if dtype is not None:  # transformers 4 reads torch_dtype, 5 dtype
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype)
   if family in ("qwen3", "llama3"):
     cfg.update(hidden_act="silu", rms_norm_eps=float(config.norm_eps))
     cfg.setdefault("max_position_embeddings", 32768)

@@ -155,6 +155,71 @@ def test_bf16_teacher_trains_a_float32_student_and_exports_bf16(bf16_teacher):
 
 
 # -----------------------------------------------------------------------------
+# 1b. The export carries the teacher's tokenizer and generation files.
+# -----------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|endoftext|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+    "assistant\n{% endif %}")
+
+
+def test_export_serves_the_teachers_tokenizer(f32_teacher):
+  transformers = pytest.importorskip("transformers")
+  root, f32 = f32_teacher
+  teacher_dir = str(root / "qwen3_served")
+  shutil.copytree(f32, teacher_dir)
+  files = {
+      "tokenizer_config.json": {
+          "tokenizer_class": "Qwen2Tokenizer", "bos_token": None,
+          "eos_token": "<|endoftext|>", "pad_token": "<pad>",
+          "model_max_length": 131072, "errors": "replace",
+          "clean_up_tokenization_spaces": False},
+      "special_tokens_map.json": {"eos_token": "<|endoftext|>",
+                                  "pad_token": "<pad>"},
+      "generation_config.json": {
+          "bos_token_id": 0, "eos_token_id": [0, 1], "pad_token_id": 1,
+          "do_sample": True, "temperature": 0.7,
+          "transformers_version": "4.51.0"}}
+  for name, data in files.items():
+    with open(os.path.join(teacher_dir, name), "w") as f:
+      json.dump(data, f)
+  with open(os.path.join(teacher_dir, "chat_template.jinja"), "w") as f:
+    f.write(CHAT_TEMPLATE)
+  student_dir = root / "served_student"
+  rc, out, err = run_main(distill_args(
+      root / "runs_served", teacher_dir, f"distill.hf_out={student_dir}",
+      "train.steps=1"))
+  assert rc == 0, out + err
+
+  want = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+  got = transformers.AutoTokenizer.from_pretrained(student_dir)
+  assert type(got) is type(want)
+  texts = ["def f(x):\n    return x  # héllo", "a  b\tc<|endoftext|>"]
+  assert got(texts)["input_ids"] == want(texts)["input_ids"]
+  for name in ("bos_token", "eos_token", "pad_token", "chat_template"):
+    assert getattr(got, name) == getattr(want, name), name
+  messages = [{"role": "user", "content": "hi"}]
+  assert got.apply_chat_template(messages, add_generation_prompt=True) == (
+      want.apply_chat_template(messages, add_generation_prompt=True))
+  assert want.model_max_length == 131072
+  assert got.model_max_length == hf_e2e.hub_qwen3_config()[
+      "max_position_embeddings"]
+  for name in ("chat_template.jinja", "special_tokens_map.json",
+               "tokenizer.json"):
+    with open(os.path.join(student_dir, name)) as a, open(
+        os.path.join(teacher_dir, name)) as b:
+      assert a.read() == b.read(), name
+  gen = transformers.GenerationConfig.from_pretrained(student_dir)
+  assert (gen.eos_token_id, gen.pad_token_id, gen.temperature) == ([0, 1], 1,
+                                                                   0.7)
+  with open(os.path.join(student_dir, "config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["dtype"] == cfg["torch_dtype"] == "float32"
+  assert (cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 1)
+
+
+# -----------------------------------------------------------------------------
 # 2. distill.hf_out must not overwrite the teacher or a foreign directory.
 # -----------------------------------------------------------------------------
 

@@ -240,12 +240,22 @@ def test_one_distill_command_gives_a_hugging_face_student(teacher):
   assert "layers every_other" in out and str(student_dir) in out, out
 
   # The directory another tool serves: config.json, model.safetensors, the
-  # teacher's tokenizer.json.
+  # teacher's tokenizer.json and (the teacher has none) a tokenizer and a
+  # generation config naming the run's special tokens.
   assert sorted(os.listdir(student_dir)) == [
-      "config.json", "model.safetensors", "tokenizer.json"]
+      "config.json", "generation_config.json", "model.safetensors",
+      "tokenizer.json", "tokenizer_config.json"]
   assert (student_dir / "tokenizer.json").read_text() == open(
       os.path.join(teacher_dir, "tokenizer.json")).read()
+  assert json.loads((student_dir / "tokenizer_config.json").read_text()) == {
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+      "pad_token": "<pad>", "clean_up_tokenization_spaces": False,
+      "model_max_length": teacher_cfg["max_position_embeddings"]}
+  assert json.loads((student_dir / "generation_config.json").read_text()) == {
+      "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
   cfg = json.loads((student_dir / "config.json").read_text())
+  assert cfg["pad_token_id"] == 1 and cfg["dtype"] == "float32"
   assert cfg["num_hidden_layers"] == 2
   for key in ("model_type", "architectures", "hidden_size", "head_dim",
               "intermediate_size", "num_attention_heads",
