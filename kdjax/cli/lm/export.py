@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
-
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from kdjax.cli import errors
 from kdjax.cli import runs
@@ -60,14 +57,6 @@ def check_hf_out(config: Mapping[str, Any], run_dir: str) -> None:
       "model.safetensors and tokenizer files.")
 
 
-def _param_dtype(model) -> Optional[str]:
-  """The dtype of a Tunix model's floating-point parameters (None if mixed)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  dtypes = {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
-            if jnp.issubdtype(x.dtype, jnp.floating)}
-  return dtypes.pop() if len(dtypes) == 1 else None
-
-
 def write_hf(config: Mapping[str, Any], run_dir: str, student: "lm.LMModel",
              tokenizer: "lm.Tokenizer",
              out: Callable[[str], None] = print) -> None:
@@ -93,30 +82,30 @@ def write_hf(config: Mapping[str, Any], run_dir: str, student: "lm.LMModel",
   from kdjax.lm import TokenizerMismatchError
   from tokenizers import Tokenizer
   # pylint: enable=g-import-not-at-top
-  variables = _lm_models.restore_variables(run_dir, student)
-  model = rebuild_model(student.tunix_model,
-                        student.to_nnx(variables)["params"])
   path = config["distill"]["hf_out"]
   hf = config["teacher"]["hf_path"]
   hf_config = None
   files_from = None
   dtype = config["distill"]["hf_dtype"]
   if hf:
-    if tokenizer.json_text is not None and os.path.isfile(
-        os.path.join(hf, "tokenizer.json")):
-      try:
-        check_same_tokenizer(load_hf_tokenizer(hf),
-                             Tokenizer.from_str(tokenizer.json_text))
-        files_from = hf
-      except TokenizerMismatchError:
-        out(f"[lm distill] the run's tokenizer splits text differently from "
-            f"the teacher's ({hf}): the export gets the run's tokenizer, not "
-            "the teacher's tokenizer files")
     ck = _lm_models.load_hf(hf)
     if ck.family == student.family:
       hf_config = ck.hf_config
     if dtype is None:  # a bfloat16 teacher gives a bfloat16 student
-      dtype = _param_dtype(ck.model)
+      dtype = _lm_models.param_dtype(ck.model)
+  variables = _lm_models.restore_variables(run_dir, student)
+  model = rebuild_model(student.tunix_model,
+                        student.to_nnx(variables)["params"])
+  if hf and tokenizer.json_text is not None and os.path.isfile(
+      os.path.join(hf, "tokenizer.json")):
+    try:
+      check_same_tokenizer(load_hf_tokenizer(hf),
+                           Tokenizer.from_str(tokenizer.json_text))
+      files_from = hf
+    except TokenizerMismatchError:
+      out(f"[lm distill] the run's tokenizer splits text differently from "
+          f"the teacher's ({hf}): the export gets the run's tokenizer, not "
+          "the teacher's tokenizer files")
   # Recorded first: an export cut short may be retried by the same command.
   runs.write_json(os.path.join(run_dir, HF_EXPORT_FILE),
                   {"path": os.path.abspath(path), "dtype": dtype}, indent=None)

@@ -193,6 +193,14 @@ def model_of(config: Mapping[str, Any], side: str, vocab_size: int, *,
                   config["seed"], side, abstract=abstract)
 
 
+def param_dtype(model) -> Optional[str]:
+  """The dtype of a Tunix model's floating-point parameters (None if mixed)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  dtypes = {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+            if jnp.issubdtype(x.dtype, jnp.floating)}
+  return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def param_count(variables) -> int:
   return int(sum(x.size for x in jax.tree.leaves(variables["params"])))
 
@@ -238,12 +246,13 @@ def restore_variables(run_dir: str, model: "lm.LMModel"):
   """``model``'s trained variables from the newest checkpoint of the run in
   ``run_dir``, read-only (a MissingRunError if it has none)."""
   from kdjax import checkpoint  # pylint: disable=g-import-not-at-top
+  template = abstract(model.variables)
+  directory = os.path.join(run_dir, runs.CHECKPOINTS)
   if runs.latest_step(run_dir) is None:
     raise errors.MissingRunError(
-        f"the run at {run_dir} has no checkpoint yet (in "
-        f"{os.path.join(run_dir, runs.CHECKPOINTS)}); train it first.")
-  return checkpoint.restore_teacher(os.path.join(run_dir, runs.CHECKPOINTS),
-                                    abstract(model.variables))
+        f"the run at {run_dir} has no checkpoint yet (in {directory}); train "
+        "it first.")
+  return checkpoint.restore_teacher(directory, template)
 
 
 def read_lm_run(path: str) -> LMRun:

@@ -122,7 +122,7 @@ def test_bf16_teacher_trains_a_float32_student_and_exports_bf16(bf16_teacher):
   assert {str(v.dtype) for v in exported.values()} == {"bfloat16"}
   # The trained float32 weights, rounded once.
   # The teacher itself stays bfloat16 (frozen).
-  assert _lm_export._param_dtype(_lm_models.load_hf(teacher_dir).model) == (
+  assert _lm_models.param_dtype(_lm_models.load_hf(teacher_dir).model) == (
       "bfloat16")
   emb = np.asarray(jax.tree.leaves(trained["params"]["embedder"])[0])
   np.testing.assert_array_equal(
