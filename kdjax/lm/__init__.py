@@ -55,8 +55,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._generate": ("GenerationOutput", "SamplingConfig",
         "batch_from_generation", "generate", "make_rollout_fn",
         "sample_logits"),
-    "._hf": ("HFCheckpoint", "check_tokenizer_fits", "load_hf_checkpoint",
-        "load_hf_tokenizer", "save_hf_checkpoint", "student_from_teacher"),
+    "._hf": ("HFCheckpoint", "load_hf_checkpoint", "save_hf_checkpoint",
+        "student_from_teacher"),
     "._hf_config": ("HFCheckpointError", "tunix_config_from_hf"),
     "._lean": ("lean_token_ce_term", "lean_token_kd_term"),
     "._model": ("DecoderLM", "TransformerConfig", "init_cache", "init_lm",
@@ -73,7 +73,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._token_cache": ("TokenCache", "TokenCacheError",
         "TokenCacheMismatchError", "open_token_cache",
         "token_cache_fingerprint", "write_token_cache"),
-    "._tokenizer": ("TOKENIZER_FILE", "SpecialTokenError", "Tokenizer", "TokenizerError",
+    "._tokenizer": ("TOKENIZER_FILE", "check_tokenizer_fits",
+        "load_hf_tokenizer", "SpecialTokenError", "Tokenizer", "TokenizerError",
         "TokenizerMismatchError", "byte_tokenizer", "check_same_tokenizer",
         "load_tokenizer", "tokenizer_from_json", "train_bpe"),
     "._tunix": ("FAMILIES", "TUNIX_FAMILIES", "init_tunix_cache",
@@ -109,8 +110,8 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       GenerationOutput, SamplingConfig, batch_from_generation, generate,
       make_rollout_fn, sample_logits)
   from kdjax.lm._hf import (
-      HFCheckpoint, check_tokenizer_fits, load_hf_checkpoint,
-      load_hf_tokenizer, save_hf_checkpoint, student_from_teacher)
+      HFCheckpoint, load_hf_checkpoint, save_hf_checkpoint,
+      student_from_teacher)
   from kdjax.lm._hf_config import HFCheckpointError, tunix_config_from_hf
   from kdjax.lm._lean import lean_token_ce_term, lean_token_kd_term
   from kdjax.lm._model import (
@@ -132,8 +133,9 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       TokenCache, TokenCacheError, TokenCacheMismatchError, open_token_cache,
       token_cache_fingerprint, write_token_cache)
   from kdjax.lm._tokenizer import (
-      TOKENIZER_FILE, SpecialTokenError, Tokenizer, TokenizerError, TokenizerMismatchError,
-      byte_tokenizer, check_same_tokenizer, load_tokenizer,
+      TOKENIZER_FILE, SpecialTokenError, Tokenizer, TokenizerError,
+      TokenizerMismatchError, byte_tokenizer, check_same_tokenizer,
+      check_tokenizer_fits, load_hf_tokenizer, load_tokenizer,
       tokenizer_from_json, train_bpe)
   from kdjax.lm._tunix import (
       FAMILIES, TUNIX_FAMILIES, init_tunix_cache, init_tunix_model,

@@ -60,6 +60,8 @@ from kdjax.lm._hf_config import vocab_size_of
 from kdjax.lm._hf_tensors import check_tensors_match_config
 from kdjax.lm._hf_tensors import hf_state_dict
 from kdjax.lm._hf_tensors import read_headers
+from kdjax.lm._tokenizer import check_tokenizer_fits
+from kdjax.lm._tokenizer import load_hf_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,56 +131,6 @@ def _safetensors_files(path: str) -> list:
         f"no *.safetensors file (e.g. {WEIGHTS_FILE}) in the checkpoint "
         f"directory {path!r}")
   return [os.path.join(path, name) for name in files]
-
-
-def load_hf_tokenizer(path: str) -> HFTokenizer:
-  """``tokenizers.Tokenizer`` from ``path/tokenizer.json`` (or a file path).
-
-  Raises:
-    FileNotFoundError: no ``tokenizer.json`` (a SentencePiece
-      ``tokenizer.model`` alone is said so).
-  """
-  import tokenizers
-  file = path if os.path.isfile(path) else os.path.join(path, TOKENIZER_FILE)
-  if not os.path.isfile(file):
-    hint = ""
-    if os.path.isfile(os.path.join(path, "tokenizer.model")):
-      hint = (" (there is a SentencePiece tokenizer.model: convert it with "
-              "transformers' AutoTokenizer(...).save_pretrained)")
-    raise FileNotFoundError(
-        f"{TOKENIZER_FILE} is missing from {path!r}{hint}")
-  return tokenizers.Tokenizer.from_file(file)
-
-
-# --------------------------------------------------------------------------
-# Tokenizers
-# --------------------------------------------------------------------------
-
-
-def tokenizer_vocab_size(tokenizer: HFTokenizer) -> int:
-  """Number of ids a ``tokenizers.Tokenizer`` can emit (added tokens too):
-  one more than its largest id."""
-  vocab = tokenizer.get_vocab(with_added_tokens=True)
-  return max(vocab.values()) + 1 if vocab else 0
-
-
-def check_tokenizer_fits(tokenizer: HFTokenizer, vocab_size: int, *,
-                         what: str = "the model") -> None:
-  """Raise if ``tokenizer`` emits ids ``>= vocab_size``.
-
-  A model's vocabulary may be larger than its tokenizer's (padded for
-  efficient matrix shapes; kdjax slices the padding off); smaller cannot work.
-
-  Raises:
-    HFCheckpointError: naming both sizes.
-  """
-  size = tokenizer_vocab_size(tokenizer)
-  if size > vocab_size:
-    raise HFCheckpointError(
-        f"the tokenizer has {size} token ids (largest id {size - 1}) but "
-        f"{what} has a vocabulary of {vocab_size}: ids {vocab_size}.."
-        f"{size - 1} have no embedding. Use the tokenizer the model was "
-        "trained with, or a model with vocab_size >= the tokenizer's")
 
 
 # --------------------------------------------------------------------------

@@ -271,8 +271,8 @@ def plan_serving_files(cfg: Mapping[str, Any], *, tokenizer: Any = None,
       ``tokenizer.json``.
   """
   # pylint: disable=g-import-not-at-top
-  from kdjax.lm._hf import check_tokenizer_fits
-  from kdjax.lm._hf import load_hf_tokenizer
+  from kdjax.lm._tokenizer import check_tokenizer_fits
+  from kdjax.lm._tokenizer import load_hf_tokenizer
   from kdjax.lm._tokenizer import _check_same_hf
   # pylint: enable=g-import-not-at-top
   vocab_size = int(cfg["vocab_size"])

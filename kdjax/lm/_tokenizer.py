@@ -489,3 +489,53 @@ def check_same_tokenizer(teacher_tokenizer: Any,
       + ("" if teacher is None or student is None else
          ", their special (PAD, BOS, EOS) ids differ")
       + ". " + _ULD_HINT)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizer files.
+# -----------------------------------------------------------------------------
+
+
+def load_hf_tokenizer(path: str) -> Any:
+  """``tokenizers.Tokenizer`` from ``path/tokenizer.json`` (or a file path).
+
+  Raises:
+    FileNotFoundError: no ``tokenizer.json`` (a SentencePiece
+      ``tokenizer.model`` alone is said so).
+  """
+  import tokenizers
+  file = path if os.path.isfile(path) else os.path.join(path, TOKENIZER_FILE)
+  if not os.path.isfile(file):
+    hint = ""
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+      hint = (" (there is a SentencePiece tokenizer.model: convert it with "
+              "transformers' AutoTokenizer(...).save_pretrained)")
+    raise FileNotFoundError(
+        f"{TOKENIZER_FILE} is missing from {path!r}{hint}")
+  return tokenizers.Tokenizer.from_file(file)
+
+
+def tokenizer_vocab_size(tokenizer: Any) -> int:
+  """Number of ids a ``tokenizers.Tokenizer`` can emit (added tokens too):
+  one more than its largest id."""
+  vocab = tokenizer.get_vocab(with_added_tokens=True)
+  return max(vocab.values()) + 1 if vocab else 0
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, *,
+                         what: str = "the model") -> None:
+  """Raise if ``tokenizer`` emits ids ``>= vocab_size``.
+
+  A model's vocabulary may be larger than its tokenizer's (padded for
+  efficient matrix shapes; kdjax slices the padding off); smaller cannot work.
+
+  Raises:
+    HFCheckpointError: naming both sizes.
+  """
+  size = tokenizer_vocab_size(tokenizer)
+  if size > vocab_size:
+    raise HFCheckpointError(
+        f"the tokenizer has {size} token ids (largest id {size - 1}) but "
+        f"{what} has a vocabulary of {vocab_size}: ids {vocab_size}.."
+        f"{size - 1} have no embedding. Use the tokenizer the model was "
+        "trained with, or a model with vocab_size >= the tokenizer's")

@@ -31,6 +31,7 @@ import tokenizers
 
 from kdjax import lm
 from kdjax.lm import _hf
+from kdjax.lm import _tokenizer
 
 TEXT = """Knowledge distillation trains a small student to match a large
 teacher. The student sees the teacher's probabilities over the vocabulary at
@@ -577,14 +578,14 @@ def test_tied_head_that_differs(tmp_path):
 
 def test_tokenizer_larger_than_vocabulary(tmp_path):
   big = train_tokenizer(200)
-  assert _hf.tokenizer_vocab_size(big) > CONFIGS["llama3"]["vocab_size"]
+  assert _tokenizer.tokenizer_vocab_size(big) > CONFIGS["llama3"]["vocab_size"]
   path = write_checkpoint(tmp_path, "llama3", tokenizer=big)
   with pytest.raises(ValueError, match=r"tokenizer has \d+ token ids .* "
                      r"vocabulary of 130"):
     lm.load_hf_checkpoint(path)
   with pytest.raises(ValueError, match="vocabulary of 100"):
     lm.check_tokenizer_fits(big, 100)
-  lm.check_tokenizer_fits(big, _hf.tokenizer_vocab_size(big))
+  lm.check_tokenizer_fits(big, _tokenizer.tokenizer_vocab_size(big))
 
 
 def test_different_tokenizers_point_to_uld(tokenizer):
