@@ -30,7 +30,6 @@ from safetensors.numpy import save_file
 import tokenizers
 
 from kdjax import lm
-from kdjax.lm import _hf
 from kdjax.lm import _tokenizer
 
 TEXT = """Knowledge distillation trains a small student to match a large
