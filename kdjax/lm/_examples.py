@@ -40,6 +40,7 @@ EXAMPLE_REASONS = {
     "template_error": "chat template error",
     "no_loss_token": "no assistant token",
     "late_turn": "assistant turn starting past seq_len",
+    "completion_too_long": "completion past seq_len",
 }
 
 
@@ -118,7 +119,8 @@ def record_examples(records: Iterable[Record], tokenizer: Any, seq_len: int,
                     *, template: Union[ChatTemplate, str, None] = None,
                     last_turn_only: bool = False,
                     template_kwargs: Optional[Mapping[str, Any]] = None,
-                    on_error: str = "fail") -> TokenExamples:
+                    on_error: str = "fail",
+                    truncate: bool = True) -> TokenExamples:
   """The ``(prompt, completion)`` token examples of ``records``.
 
   Args:
@@ -132,6 +134,9 @@ def record_examples(records: Iterable[Record], tokenizer: Any, seq_len: int,
     template_kwargs: more template variables.
     on_error: ``"fail"`` (raise :class:`ExampleError`) or ``"skip"``
       (count in :attr:`TokenExamples.skipped`).
+    truncate: cut a completion that runs past ``seq_len + 1`` ids (counted
+      in :attr:`TokenExamples.truncated`); False: such a record is an error
+      (``"completion_too_long"``, raised or skipped as ``on_error`` says).
 
   Returns:
     The :class:`TokenExamples`, in the order of the records (a conversation's
@@ -175,6 +180,12 @@ def record_examples(records: Iterable[Record], tokenizer: Any, seq_len: int,
              f"its prompt has {len(pairs[0][0])} tokens, more than seq_len "
              f"({seq_len}): no completion token would fit; raise seq_len "
              "or shorten the prompt.")
+      continue
+    if not truncate and any(len(p) <= seq_len < len(p) + len(c) - 1
+                            for p, c in pairs):
+      refuse(record, "completion_too_long",
+             f"prompt and completion hold more than seq_len + 1 "
+             f"({seq_len + 1}) tokens; raise seq_len, or allow truncation.")
       continue
     for prompt, completion in pairs:
       if len(prompt) > seq_len:  # the earlier turns of the record are kept

@@ -122,3 +122,14 @@ def test_from_files_to_batches(tokenizer, tmp_path):
     assert int(row.sum()) == len(ex.completions[i])
   assert lm.record_texts(lm.read_records(str(path)))[0] == (
       "def f0(x): return x + 0")
+
+
+def test_no_truncation_makes_a_long_completion_an_error(tokenizer):
+  cut = _record(5, prompt="a", completion="What is two plus three? " * 10)
+  fits = _record(6, prompt="a", completion="b")
+  with pytest.raises(lm.ExampleError, match="line 5.*seq_len"):
+    lm.record_examples([fits, cut], tokenizer, seq_len=8, truncate=False)
+  ex = lm.record_examples([fits, cut], tokenizer, seq_len=8, truncate=False,
+                          on_error="skip")
+  assert len(ex) == 1 and ex.skipped == {"completion_too_long": 1}
+  assert ex.truncated == 0

@@ -90,6 +90,9 @@ LM_SCHEMA: dict = {
                           " fail (naming file and line) or skip (counted and "
                           "reported; corpus stdlib_functions always skips "
                           "what does not fit)", choices=("fail", "skip")),
+        "truncate": Field(True, "bool", "records: cut a completion that runs "
+                          "past seq_len (counted and reported); false: such a "
+                          "row is an error (data.on_error: fail or skip)"),
         "chat_template": Field(None, "str", "conversations: the chat template"
                                " (a .jinja file, a tokenizer_config.json or a "
                                "Hugging Face directory); default: the "

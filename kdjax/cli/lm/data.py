@@ -451,10 +451,10 @@ def token_examples(config: Mapping[str, Any], records, tokenizer,
     return lm.record_examples(records, tokenizer, d["seq_len"],
                               template=template,
                               last_turn_only=d["last_turn_only"],
-                              on_error=on_error)
+                              on_error=on_error, truncate=d["truncate"])
   except lm.ExampleError as e:
     raise errors.DataError(f"{e} (config keys 'data.seq_len', "
-                           "'data.on_error')") from None
+                           "'data.truncate', 'data.on_error')") from None
 
 
 def _template_of(config: Mapping[str, Any], corpus: Mapping[str, Any],
