@@ -90,22 +90,27 @@ def corpus_files(data: Mapping[str, Any]) -> list[str]:
   return files
 
 
-def read_corpus(data: Mapping[str, Any]) -> dict:
-  """``{"train": [texts], "eval": [texts], "files": {...}}`` split by file
-  (records: :func:`read_records`)."""
+def read_corpus(data: Mapping[str, Any], *, with_train: bool = True) -> dict:
+  """``{"train": [texts], "eval": [texts], "files": {...}, "train_read":
+  bool}`` split by file (records: :func:`read_records`). Without
+  ``with_train``, the training split is not read where the held-out split can
+  be read apart (its texts and records are then empty; ``files`` still lists
+  the training files where that needs no reading)."""
   if is_records(data):
-    return read_records(data)
+    return read_records(data, with_train=with_train)
   files = corpus_files(data)
   texts = {"train": [], "eval": []}
   names = {"train": [], "eval": []}
   for i, path in enumerate(files):
-    with open(path, "rb") as f:
-      raw = f.read(data["max_file_bytes"] or -1)
     held_out = i % data["eval_every"] == data["eval_every"] - 1
     split = "eval" if held_out else "train"
-    texts[split].append(raw.decode("utf-8", errors="replace"))
     names[split].append(path)
-  return {**texts, "files": names}
+    if split == "train" and not with_train:
+      continue
+    with open(path, "rb") as f:
+      raw = f.read(data["max_file_bytes"] or -1)
+    texts[split].append(raw.decode("utf-8", errors="replace"))
+  return {**texts, "files": names, "train_read": with_train}
 
 
 def is_records(data: Mapping[str, Any]) -> bool:
@@ -130,7 +135,7 @@ def _read_record_files(paths, data: Mapping[str, Any], key: str):
     raise ConfigError(f"config key 'data.format': {e}") from None
 
 
-def read_records(data: Mapping[str, Any]) -> dict:
+def read_records(data: Mapping[str, Any], *, with_train: bool = True) -> dict:
   """The record corpus: ``{"records": {"train": [...], "eval": [...]},
   "train"/"eval": their texts, "files": {...}, "skipped": [lines]}``.
 
@@ -141,29 +146,36 @@ def read_records(data: Mapping[str, Any]) -> dict:
   """
   from kdjax import lm  # pylint: disable=g-import-not-at-top
   skipped = []
+  # The held-out split is read apart from the training split unless it is
+  # every eval_every-th row of the same files.
+  train_read = with_train or (data["corpus"] == "files"
+                              and not data["eval_paths"])
   if data["corpus"] == "stdlib_functions":
+    splits = ("train", "validation") if train_read else ("validation",)
     sets = {split: lm.stdlib_function_records(split, max_modules=data[
-        "max_files"]) for split in ("train", "validation")}
-    train, held = list(sets["train"]), list(sets["validation"])
+        "max_files"]) for split in splits}
+    train = list(sets["train"]) if train_read else []
+    held = list(sets["validation"])
     for split, rs in sets.items():
       if rs.num_skipped:
         skipped.append(f"stdlib {split}: {rs.skipped_summary()}")
   else:
-    rows = _read_record_files(data["paths"], data, "data.paths")
-    if rows.num_skipped:
+    rows = (_read_record_files(data["paths"], data, "data.paths")
+            if train_read else None)
+    if rows is not None and rows.num_skipped:
       skipped.append(f"data.paths: {rows.skipped_summary()}")
     if data["eval_paths"]:
       held_rows = _read_record_files(data["eval_paths"], data,
                                      "data.eval_paths")
       if held_rows.num_skipped:
         skipped.append(f"data.eval_paths: {held_rows.skipped_summary()}")
-      train, held = list(rows), list(held_rows)
+      train, held = list(rows or ()), list(held_rows)
     else:
       k = data["eval_every"]
       train = [r for i, r in enumerate(rows) if i % k != k - 1]
       held = [r for i, r in enumerate(rows) if i % k == k - 1]
   for split, records in (("training", train), ("held-out", held)):
-    if not records:
+    if not records and (split == "held-out" or train_read):
       raise errors.MissingDataError(
           f"the {split} split has no record (data.corpus "
           f"{data['corpus']}, data.paths {list(data['paths'])}); add rows, "
@@ -172,7 +184,41 @@ def read_records(data: Mapping[str, Any]) -> dict:
            for split, records in (("train", train), ("eval", held))}
   return {"train": lm.record_texts(train), "eval": lm.record_texts(held),
           "files": files, "records": {"train": train, "eval": held},
-          "skipped": skipped}
+          "skipped": skipped, "train_read": train_read}
+
+
+def source_fingerprint(data: Mapping[str, Any]) -> dict:
+  """What the training data is read from, without reading it: the files'
+  paths, sizes and modification times (the standard library's for
+  ``stdlib_functions``, with the Python version), and the keys that pick
+  them. A token cache of these sources is reused without reading them."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if data["corpus"] == "stdlib_functions":
+    roots = [sysconfig.get_paths()["stdlib"]]
+    pattern = "*.py"
+  elif data["corpus"] == "stdlib" or data["format"] == "text":
+    roots = ([sysconfig.get_paths()["stdlib"]] if data["corpus"] == "stdlib"
+             else list(data["paths"]))
+    pattern = data["pattern"]
+  else:
+    roots, pattern = list(data["paths"]), "*"
+  files = []
+  for root in roots:
+    if os.path.isdir(root):
+      files.extend(_walk(root, pattern) if data["corpus"] != "files"
+                   or data["format"] == "text" else [
+                       os.path.join(d, f) for d, _, fs in os.walk(root)
+                       for f in fs])
+    elif os.path.isfile(root):
+      files.append(root)
+  h = hashlib.sha256()
+  for path in sorted(set(files)):
+    st = os.stat(path)
+    h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  keys = ("corpus", "format", "pattern", "max_files", "max_file_bytes",
+          "eval_every", "eval_paths")
+  return {"python": sys.version, "files": h.hexdigest()[:16],
+          **{k: data[k] for k in keys}}
 
 
 def corpus_fingerprint(corpus: Mapping[str, Any]) -> str:
@@ -415,6 +461,7 @@ class LMData:
   batches: Optional["lm.LMBatches"]
   packing_efficiency: Optional[float] = None
   held_out_paths: Optional[tuple] = None  # records: each held-out example's file
+  data_fingerprint: Optional[str] = None  # of the training data (run.json)
 
 
 def chat_template(config: Mapping[str, Any]) -> "lm.ChatTemplate":
@@ -495,31 +542,54 @@ def _split_sequences(config: Mapping[str, Any], corpus: Mapping[str, Any],
   return ex.prompts[:cap], ex.completions[:cap], ex.paths[:cap]
 
 
+def _cache_fingerprint(config: Mapping[str, Any], tokenizer) -> dict:
+  """What a token cache of the training sequences is made from: the
+  tokenizer, the sources (:func:`source_fingerprint`, nothing read), the
+  chat template and the data keys that shape the sequences."""
+  d = config["data"]
+  try:
+    source = chat_template(config).source if is_records(d) else None
+  except ConfigError:  # no template: conversations would be refused
+    source = None
+  keys = ("seq_len", "prompt_len", "max_train_sequences", "last_turn_only",
+          "on_error", "truncate", "prompt_field", "completion_field",
+          "messages_field")
+  return {"tokenizer": tokenizer.fingerprint,
+          "sources": source_fingerprint(d),
+          "chat_template": (None if source is None else hashlib.sha256(
+              source.encode()).hexdigest()[:16]),
+          **{k: d[k] for k in keys}}
+
+
 def _cached_train_sequences(config: Mapping[str, Any],
-                            corpus: Mapping[str, Any], tokenizer, template,
+                            corpus: Mapping[str, Any], tokenizer,
                             out: Callable[[str], None]):
-  """The training sequences through the token cache in ``data.cache_dir``:
-  tokenized once (and reused while the tokenizer, the training data and the
-  data keys are unchanged), memory-mapped."""
+  """``(cache, corpus)``: the training sequences through the token cache in
+  ``data.cache_dir``, tokenized once and memory-mapped. A cache of the same
+  inputs is reused without reading the training data (``corpus`` read
+  without it); otherwise the training split is read, tokenized and written
+  (a cache of other inputs is refused, or rebuilt with
+  ``data.cache_rebuild``)."""
   from kdjax import lm  # pylint: disable=g-import-not-at-top
   d = config["data"]
-  keys = ("corpus", "format", "seq_len", "prompt_len", "max_train_sequences",
-          "last_turn_only", "on_error", "prompt_field", "completion_field",
-          "messages_field")
-  parts = {"tokenizer": tokenizer.fingerprint,
-           "data": corpus_fingerprint(corpus),
-           "chat_template": (None if template is None else hashlib.sha256(
-               template.source.encode()).hexdigest()[:16]),
-           **{k: d[k] for k in keys}}
-  built = []
+  parts = _cache_fingerprint(config, tokenizer)
+  path = os.path.join(d["cache_dir"], "train")
+  if not corpus["train_read"]:
+    try:
+      cache = lm.open_token_cache(path, fingerprint=parts)
+      out(f"[lm] token cache {path}: {len(cache)} training sequences, "
+          f"{cache.num_tokens} tokens (reused; the training data not read)")
+      return cache, corpus
+    except lm.TokenCacheError:
+      corpus = read_corpus(d)
+  template = _template_of(config, corpus, tokenizer) if (
+      "records" in corpus) else None
 
   def examples():
     prompts, completions, _ = _split_sequences(config, corpus, tokenizer,
                                                "train", template, out)
-    built.append(len(prompts))
     yield from zip(prompts, completions)
 
-  path = os.path.join(d["cache_dir"], "train")
   try:
     cache = lm.write_token_cache(
         path, examples(), fingerprint=parts,
@@ -528,8 +598,17 @@ def _cached_train_sequences(config: Mapping[str, Any],
     raise ConfigError(f"config key 'data.cache_dir': {e} (set "
                       "data.cache_rebuild=true to rebuild it)") from None
   out(f"[lm] token cache {path}: {len(cache)} training sequences, "
-      f"{cache.num_tokens} tokens" + (" (written)" if built else " (reused)"))
-  return cache
+      f"{cache.num_tokens} tokens (written)")
+  return cache, corpus
+
+
+def _needs_training_texts(config: Mapping[str, Any]) -> bool:
+  """Whether :func:`build_tokenizer` would train a BPE (on the training
+  texts)."""
+  tc = config["tokenizer"]
+  hf = config["teacher"]["hf_path"]
+  return (tc["kind"] == "bpe" and not hf
+          and not os.path.exists(bpe_path(config)))
 
 
 def load_data(config: Mapping[str, Any],
@@ -547,11 +626,20 @@ def load_data(config: Mapping[str, Any],
   if teacher:
     check_teacher_exists(config, teacher_dir)
   d = config["data"]
-  corpus = read_corpus(d)
+  # With a token cache on disk, the training split is read only if the cache
+  # turns out not to be of these inputs.
+  cached = bool(train and d["cache_dir"] and os.path.isdir(
+      os.path.join(d["cache_dir"], "train")))
+  corpus = read_corpus(d, with_train=not cached)
   if tokenizer is None:
+    if not corpus["train_read"] and _needs_training_texts(config):
+      corpus = read_corpus(d)
     tokenizer = build_tokenizer(config, corpus, out)
   if teacher:
     check_teacher_tokenizer(config, tokenizer, teacher_dir)
+  cache = None
+  if train and d["cache_dir"]:
+    cache, corpus = _cached_train_sequences(config, corpus, tokenizer, out)
   template = _template_of(config, corpus, tokenizer) if (
       "records" in corpus) else None
   *held_out, held_out_paths = _split_sequences(config, corpus, tokenizer,
@@ -559,8 +647,7 @@ def load_data(config: Mapping[str, Any],
   held_out = tuple(held_out)
   if not train:
     train_seqs = ()
-  elif d["cache_dir"]:
-    cache = _cached_train_sequences(config, corpus, tokenizer, template, out)
+  elif cache is not None:
     train_seqs = (cache.prompts, cache.completions)
     lengths = cache.lengths()
   else:
@@ -576,7 +663,7 @@ def load_data(config: Mapping[str, Any],
         "data.seq_len.")
   batches, efficiency = None, None
   if train:
-    source = (cache, None) if d["cache_dir"] else train_seqs
+    source = (cache, None) if cache is not None else train_seqs
     batches = train_batches(*source, d["batch_size"], d["seq_len"],
                             tokenizer.pad_id, config["seed"], pack=d["pack"])
     efficiency = packing_efficiency(batches, *lengths, d["seq_len"])
@@ -587,4 +674,6 @@ def load_data(config: Mapping[str, Any],
   return LMData(corpus=corpus, tokenizer=tokenizer, train=train_seqs,
                 held_out=held_out, batches=batches,
                 packing_efficiency=efficiency,
-                held_out_paths=held_out_paths or None)
+                held_out_paths=held_out_paths or None,
+                data_fingerprint=(cache.fingerprint if cache is not None
+                                  else corpus_fingerprint(corpus)))

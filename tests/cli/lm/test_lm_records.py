@@ -301,10 +301,12 @@ def test_eval_writes_per_file_sums(tmp_path):
 
 def test_token_cache_is_written_once_and_reused(tmp_path):
   """data.cache_dir: the training sequences are tokenized once, read back
-  memory-mapped with the same batches; other inputs are refused."""
-  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
-  sets = ["data.format=jsonl", f"data.paths=[{path}]", "data.eval_every=10",
-          f"data.cache_dir={tmp_path / 'cache'}"]
+  memory-mapped with the same batches (the training file is not read again:
+  the held-out rows are their own file); other inputs are refused."""
+  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40)[:36])
+  held = _write_jsonl(tmp_path / "held.jsonl", _pairs(40)[36:])
+  sets = ["data.format=jsonl", f"data.paths=[{path}]",
+          f"data.eval_paths=[{held}]", f"data.cache_dir={tmp_path / 'cache'}"]
   lines = []
   first = _lm_data.load_data(_config(tmp_path / "run", *sets),
                              out=lines.append)
@@ -314,8 +316,12 @@ def test_token_cache_is_written_once_and_reused(tmp_path):
   plain = _lm_data.load_data(_config(tmp_path / "run", *sets[:3]),
                              out=_quiet)
   assert any("(written)" in line for line in lines)
-  assert any("(reused)" in line for line in again_lines)
+  assert any("(reused; the training data not read)" in line
+             for line in again_lines)
   assert not any("training data:" in line for line in again_lines)
+  assert again.corpus["records"]["train"] == [] and not again.corpus[
+      "train_read"]
+  assert again.data_fingerprint == first.data_fingerprint
   for step in (0, 3, 7):  # across an epoch boundary (36 sequences / 8)
     a, b = again.batches.batch_at(step), plain.batches.batch_at(step)
     for key in b:
