@@ -179,22 +179,40 @@ def test_conversations_without_a_template_name_the_key(tmp_path):
     _lm_data.load_data(config, out=_quiet)
 
 
-def test_distill_runs_on_records(tmp_path):
-  """Teacher and token-KD student end to end on prompt–completion rows; the
-  student's held-out loss is over completion tokens only."""
-  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
+def test_distill_and_eval_on_records(tmp_path):
+  """Teacher and token-KD student end to end on prompt–completion rows: the
+  student's held-out loss is over completion tokens only, and `kdjax lm
+  eval`'s per-file sums add up to its totals (what a confidence interval
+  over held-out files resamples)."""
+  rows = _pairs(30)
+  train = _write_jsonl(tmp_path / "train.jsonl", rows[:20])
+  held = [_write_jsonl(tmp_path / f"held_{i}.jsonl",
+                       rows[20 + 5 * i:25 + 5 * i]) for i in range(2)]
   sets = [f"output_dir={tmp_path / 'run'}", "data.corpus=files",
-          "data.format=jsonl", f"data.paths=[{path}]", "train.steps=3",
-          "data.eval_every=10"]
+          "data.format=jsonl", f"data.paths=[{train}]",
+          f"data.eval_paths=[{held[0]}, {held[1]}]", "train.steps=2"]
   for command in ("train-teacher", "distill"):
     rc, out, err = _run(["lm", command, "--config", LM_TINY, "--set", *sets])
     assert rc == 0, err
-  with open(tmp_path / "run" / "student_token_kd" / "summary.json") as f:
+  student = tmp_path / "run" / "student_token_kd"
+  with open(student / "summary.json") as f:
     summary = json.load(f)
-  n_tokens = sum(len(lm.load_tokenizer(str(tmp_path / "run")).encode(
-      r["completion"])) + 1 for i, r in enumerate(_pairs(40)) if i % 10 == 9)
+  tok = lm.load_tokenizer(str(tmp_path / "run"))
+  n_tokens = sum(len(tok.encode(r["completion"])) + 1 for r in rows[20:])
   assert summary["eval"]["tokens"] == n_tokens
   assert np.isfinite(summary["eval"]["teacher_kl"])
+  rc, _, err = _run(["lm", "eval", str(student)])
+  assert rc == 0, err
+  with open(student / "eval.json") as f:
+    result = json.load(f)
+  assert sorted(result["per_file"]) == sorted(held)
+  sums = {k: sum(v[k] for v in result["per_file"].values())
+          for k in ("nll", "tokens", "divergence")}
+  assert sums["tokens"] == result["tokens"] == n_tokens
+  np.testing.assert_allclose(sums["nll"] / sums["tokens"], result["loss"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(sums["divergence"] / sums["tokens"],
+                             result["teacher_kl"], rtol=1e-5)
 
 
 def test_the_stdlib_instruction_set(tmp_path):
@@ -273,30 +291,6 @@ def test_a_tokenizer_without_the_templates_tokens_is_refused(tmp_path):
   with pytest.raises(errors.UsageError,
                      match=r"'<\|im_end\|>' \(\d+ ids\).*tokenizer.kind"):
     _lm_data.load_data(config, out=_quiet)
-
-
-def test_eval_writes_per_file_sums(tmp_path):
-  """`kdjax lm eval` on records: eval.json's per-file sums add up to the
-  totals (what a confidence interval over held-out files resamples)."""
-  rows = _pairs(30)
-  train = _write_jsonl(tmp_path / "train.jsonl", rows[:20])
-  held = [_write_jsonl(tmp_path / f"held_{i}.jsonl", rows[20 + 5 * i:25 + 5 * i])
-          for i in range(2)]
-  sets = [f"output_dir={tmp_path / 'run'}", "data.corpus=files",
-          "data.format=jsonl", f"data.paths=[{train}]",
-          f"data.eval_paths=[{held[0]}, {held[1]}]", "train.steps=2"]
-  rc, _, err = _run(["lm", "train-teacher", "--config", LM_TINY, "--set",
-                     *sets])
-  assert rc == 0, err
-  rc, _, err = _run(["lm", "eval", str(tmp_path / "run" / "teacher")])
-  assert rc == 0, err
-  with open(tmp_path / "run" / "teacher" / "eval.json") as f:
-    result = json.load(f)
-  assert sorted(result["per_file"]) == sorted(held)
-  nll = sum(v["nll"] for v in result["per_file"].values())
-  tokens = sum(v["tokens"] for v in result["per_file"].values())
-  assert tokens == result["tokens"]
-  np.testing.assert_allclose(nll / tokens, result["loss"], rtol=1e-6)
 
 
 def test_token_cache_is_written_once_and_reused(tmp_path):
