@@ -10,9 +10,9 @@ status  meaning
         the traceback; an unexpected error prints its traceback)
 2       a usage or config error, fixable before the run starts: a bad
         argument, an unknown config key or method, bad YAML, a missing config
-        file, teacher run, teacher cache, run directory or data directory, an
-        impossible batch size, a missing optional package (one line, no
-        traceback)
+        file, teacher run, teacher cache, run directory or data directory, a
+        malformed or too long data row (file and line named), an impossible
+        batch size, a missing optional package (one line, no traceback)
 130     interrupted by SIGINT (Ctrl-C); training saved a checkpoint first
 143     stopped by SIGTERM; training saved a checkpoint first
 ======  ==================================================================
@@ -62,10 +62,12 @@ class MissingDataError(UsageError, FileNotFoundError):
   """The configured data directory or data file does not exist."""
 
 
-class DataError(UsageError, ValueError):
+class BadRowError(UsageError, ValueError):
   """A row of the data that cannot be used (malformed, a field missing, a
-  prompt longer than ``data.seq_len``): the message names its file and line
-  and the key to change (e.g. ``data.on_error=skip``)."""
+  prompt longer than ``data.seq_len``), found before the run starts: the
+  message names its file and line and the key to change (e.g.
+  ``data.on_error=skip``). (An unreadable data file found while training is
+  ``kdjax.data.DataError``, status 1.)"""
 
 
 class BatchSizeError(UsageError, ValueError):

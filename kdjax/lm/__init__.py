@@ -67,7 +67,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._packing": ("POSITIONS_KEY", "SEGMENT_IDS_KEY", "check_unpacked",
         "is_packed", "make_packed_batch", "pack_examples", "pack_lengths",
         "packed_attention_mask", "packing_efficiency", "segment_positions"),
-    "._records": ("Record", "RecordError", "RecordSet", "read_records"),
+    "._records": ("Record", "RecordError", "RecordSet", "read_records",
+        "record_files"),
     "._stdlib_functions": ("StdlibFunctionSummary", "stdlib_function_records",
         "stdlib_function_summary", "stdlib_module_split", "stdlib_modules"),
     "._token_cache": ("TokenCache", "TokenCacheError",
@@ -125,7 +126,8 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       POSITIONS_KEY, SEGMENT_IDS_KEY, check_unpacked, is_packed,
       make_packed_batch, pack_examples, pack_lengths, packed_attention_mask,
       packing_efficiency, segment_positions)
-  from kdjax.lm._records import Record, RecordError, RecordSet, read_records
+  from kdjax.lm._records import (
+      Record, RecordError, RecordSet, read_records, record_files)
   from kdjax.lm._stdlib_functions import (
       StdlibFunctionSummary, stdlib_function_records, stdlib_function_summary,
       stdlib_module_split, stdlib_modules)

@@ -30,9 +30,9 @@ from kdjax.lm._chat import ChatTemplate
 from kdjax.lm._chat import ChatTemplateError
 from kdjax.lm._chat import apply_chat_template
 from kdjax.lm._chat import encode_prompt_completion
+from kdjax.lm._records import ON_ERROR
 from kdjax.lm._records import Record
 
-ON_ERROR = ("fail", "skip")
 
 # Why an example was skipped (TokenExamples.skipped keys), in words.
 EXAMPLE_REASONS = {

@@ -45,6 +45,7 @@ _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 # keys, with their words in messages.
 REASONS = {
     "bad_json": "bad JSON",
+    "unreadable_file": "unreadable file",
     "missing_field": "missing field",
     "wrong_type": "wrong type",
     "unknown_role": "unknown role",
@@ -61,10 +62,12 @@ class RecordError(ValueError):
   Attributes:
     path: the file.
     line: the 1-based line (JSONL) or the 0-based row (Parquet).
-    unit: ``"line"`` or ``"row"``.
+    unit: ``"line"`` or ``"row"`` (``"file"`` for a Parquet file that cannot
+      be read at all, whatever ``on_error`` says).
     field: the field concerned (e.g. ``"completion"``,
       ``"messages[2].role"``), or None (the whole row).
-    reason: one of :data:`REASONS` (``"bad_json"``, ``"missing_field"``,
+    reason: one of :data:`REASONS` (``"bad_json"``: invalid JSON or a line
+      that is not UTF-8; ``"unreadable_file"``, ``"missing_field"``,
       ``"wrong_type"``, ``"unknown_role"``, ``"empty_completion"``,
       ``"no_assistant"``).
   """
@@ -200,11 +203,31 @@ def _files(paths: Union[PathLike, Sequence[PathLike]], fmt: str
   return out
 
 
+def record_files(paths: Union[PathLike, Sequence[PathLike]], *,
+                 format: str = "auto",  # pylint: disable=redefined-builtin
+                 ) -> list[tuple[str, str]]:
+  """The ``(file, format)`` pairs :func:`read_records` reads, in its order,
+  without reading them (e.g. to fingerprint a dataset by its files' sizes and
+  modification times).
+
+  Raises:
+    FileNotFoundError, ValueError: as :func:`read_records`.
+  """
+  if format not in FORMATS:
+    raise ValueError(f"format={format!r}: use one of {FORMATS}.")
+  return _files(paths, format)
+
+
 def _jsonl_rows(path: str) -> Iterator[tuple[int, Any, Optional[str]]]:
   """``(line, row or None, error or None)`` of a JSONL file (blank lines
   skipped)."""
-  with open(path, encoding="utf-8") as f:
-    for number, text in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        yield number, None, f"not UTF-8 ({e.reason} at byte {e.start})"
+        continue
       if not text.strip():
         continue
       try:
@@ -219,7 +242,14 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, Any, Optional[str]]]:
   except ImportError as e:
     raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow.",
                       name="pyarrow") from e
-  table = pq.read_table(path)
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # pylint: disable=broad-except
+    # pyarrow's errors (ArrowInvalid, OSError) do not name the file.
+    raise RecordError(
+        f"{path}: not a readable Parquet file ({type(e).__name__}: {e}).",
+        path=path, line=0, unit="file", field=None,
+        reason="unreadable_file") from None
   for index, row in enumerate(table.to_pylist()):
     yield index, row, None
 

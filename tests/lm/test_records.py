@@ -188,3 +188,29 @@ def test_argument_errors(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no data files"):
     lm.read_records(tmp_path / "empty")
+
+
+def test_undecodable_lines_and_unreadable_parquet_name_the_file(tmp_path):
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(b'{"prompt": "a", "completion": "b"}\n'
+                   b'{"prompt": "\xff", "completion": "b"}\n')
+  with pytest.raises(lm.RecordError, match=r"d.jsonl, line 2.*not UTF-8"):
+    lm.read_records(str(path))
+  rs = lm.read_records(str(path), on_error="skip")
+  assert len(rs) == 1 and rs.skipped == {"bad_json": 1}
+  bad = tmp_path / "d.parquet"
+  bad.write_bytes(b"not parquet")
+  pytest.importorskip("pyarrow")
+  with pytest.raises(lm.RecordError, match=r"d.parquet: not a readable"):
+    lm.read_records(str(bad), on_error="skip")
+
+
+def test_record_files_lists_what_read_records_reads(tmp_path):
+  (tmp_path / "sub").mkdir()
+  for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl"):
+    (tmp_path / name).write_text('{"prompt": "a", "completion": "b"}\n')
+  (tmp_path / "notes.txt").write_text("not data")
+  files = lm.record_files([str(tmp_path)])
+  assert [os.path.relpath(f, tmp_path) for f, _ in files] == [
+      "a.jsonl", "b.jsonl", os.path.join("sub", "c.jsonl")]
+  assert [f for f, _ in files] == list(lm.read_records(str(tmp_path)).files)

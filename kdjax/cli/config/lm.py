@@ -318,7 +318,9 @@ def validate(config: dict) -> dict:
   """Types and choices of every key, then the keys that depend on each other."""
   _config_base.validate_fields("", LM_SCHEMA, config)
   data, tok, d = config["data"], config["tokenizer"], config["distill"]
-  if data["prompt_len"] >= data["seq_len"]:
+  text_windows = data["corpus"] == "stdlib" or (
+      data["corpus"] == "files" and data["format"] == "text")
+  if text_windows and data["prompt_len"] >= data["seq_len"]:
     raise ConfigError(
         f"config key 'data.prompt_len' ({data['prompt_len']}) must be smaller "
         f"than 'data.seq_len' ({data['seq_len']}): no token would be "
@@ -331,10 +333,6 @@ def validate(config: dict) -> dict:
     raise ConfigError("config key 'data.eval_paths' is for data.corpus: "
                       "files with data.format jsonl, parquet or auto; a text "
                       "corpus holds out every data.eval_every-th file.")
-  if data["pack"] and d["objective"] in ("gkd", "seq_kd"):
-    raise ConfigError(
-        f"config key 'data.pack' is not for distill.objective {d['objective']}"
-        " (it generates from each row's prompt); set data.pack=false.")
   if tok["kind"] == "file" and not tok["path"]:
     raise ConfigError("config key 'tokenizer.path' must name a "
                       "tokenizer.json for tokenizer.kind: file.")

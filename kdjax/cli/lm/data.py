@@ -1,32 +1,42 @@
-"""``kdjax lm``'s data: a text corpus from local files, a tokenizer, batches.
+"""``kdjax lm``'s data phase: the corpus, the tokenizer, the teacher's
+tokenizer, the sequences and the batches (:func:`load_data`).
 
-Corpus
-------
-``data.corpus: stdlib`` reads the Python standard library's own ``.py``
-sources (``sysconfig.get_paths()["stdlib"]``, ``site-packages`` and tests
-excluded), ``files`` the files and directories of ``data.paths``. Files are
-taken in sorted path order (the first ``data.max_files``, each cut to
-``data.max_file_bytes``), so the corpus is the same on every run of one
-Python installation. The held-out split is by file: every
-``data.eval_every``-th file.
+Corpus (``data.corpus``, ``data.format``)
+-----------------------------------------
+* ``stdlib_functions`` (the default): the Python standard library's
+  documented functions as prompt-completion records
+  (:func:`kdjax.lm.stdlib_function_records`): train modules for training,
+  validation modules held out, split by a hash of the module name.
+* ``stdlib`` / ``files`` with ``format: text``: the standard library's own
+  ``.py`` sources or ``data.paths``, in sorted path order (the first
+  ``data.max_files``, each cut to ``data.max_file_bytes``); every
+  ``data.eval_every``-th file is held out. Each file is tokenized as
+  ``[BOS] + ids + [EOS]``, a split's files are concatenated and cut into
+  windows of ``seq_len + 1`` ids whose first ``prompt_len`` are the prompt.
+* ``files`` with ``format: jsonl / parquet / auto``: prompt-completion or chat
+  rows (:func:`kdjax.lm.read_records`); held out ``data.eval_paths``, or
+  every ``data.eval_every``-th line (Parquet row) of each file. One example
+  per record, per assistant turn of a conversation (rendered with the chat
+  template, :func:`kdjax.lm.record_examples`); the loss covers the
+  completion (assistant) tokens only.
 
 Tokenizer
 ---------
-``bpe``: a byte-level BPE (``tokenizers``) trained on the training files
-only, with the special tokens ``<pad>``, ``<bos>``, ``<eos>`` (ids 0, 1, 2),
-saved once as ``<output_dir>/tokenizer.json`` and shared by every run of the
+``bpe``: a byte-level BPE (``tokenizers``) trained on the training data only,
+with the special tokens ``<pad>``, ``<bos>``, ``<eos>`` (ids 0, 1, 2), saved
+once as ``<output_dir>/tokenizer.json`` and shared by every run of the
 experiment (teacher and students must tokenize alike); ``file``: a local
-``tokenizer.json``; ``bytes``: :class:`kdjax.lm.ByteTokenizer`.
+``tokenizer.json``; ``bytes``: :class:`kdjax.lm.ByteTokenizer`. The teacher's
+tokenizer must be the run's (checked here, with the teacher's files).
 
 Sequences and batches
 ---------------------
-Each file is tokenized as ``[BOS] + ids + [EOS]``, the files of a split are
-concatenated and cut into windows of ``seq_len + 1`` ids (stride
-``seq_len``); window ``w`` is the example ``(prompt = w[:prompt_len],
-completion = w[prompt_len:])`` of :func:`kdjax.lm.make_lm_batch`, so the
-loss covers the completion tokens. :class:`LMBatches` shuffles the training
-examples per epoch from ``(seed, epoch)`` and is resumable (its position is
-saved with every checkpoint).
+:class:`kdjax.lm.LMBatches` shuffles the training sequences per epoch from
+``(seed, epoch)`` (packed into rows with ``data.pack``) and is resumable
+(its position is saved with every checkpoint). With ``data.cache_dir`` the
+training sequences go through a token cache (:func:`kdjax.lm.write_token_cache`,
+memory-mapped), reused without reading the training data while its inputs
+are unchanged.
 """
 
 from __future__ import annotations
@@ -92,12 +102,12 @@ def corpus_files(data: Mapping[str, Any]) -> list[str]:
 
 def read_corpus(data: Mapping[str, Any], *, with_train: bool = True) -> dict:
   """``{"train": [texts], "eval": [texts], "files": {...}, "train_read":
-  bool}`` split by file (records: :func:`read_records`). Without
+  bool}`` split by file (records: :func:`read_record_corpus`). Without
   ``with_train``, the training split is not read where the held-out split can
   be read apart (its texts and records are then empty; ``files`` still lists
   the training files where that needs no reading)."""
   if is_records(data):
-    return read_records(data, with_train=with_train)
+    return read_record_corpus(data, with_train=with_train)
   files = corpus_files(data)
   texts = {"train": [], "eval": []}
   names = {"train": [], "eval": []}
@@ -128,14 +138,21 @@ def _read_record_files(paths, data: Mapping[str, Any], key: str):
         completion_field=data["completion_field"],
         messages_field=data["messages_field"], on_error=data["on_error"])
   except lm.RecordError as e:
-    raise errors.DataError(f"{e} (config key 'data.on_error')") from None
+    raise errors.BadRowError(f"{e} (config key 'data.on_error')") from None
   except FileNotFoundError as e:
     raise errors.MissingDataError(f"config key {key!r}: {e}") from None
   except ValueError as e:
     raise ConfigError(f"config key 'data.format': {e}") from None
 
 
-def read_records(data: Mapping[str, Any], *, with_train: bool = True) -> dict:
+def _row_number(record) -> int:
+  """A record's 1-based place in its file: its JSONL line, its Parquet row
+  + 1."""
+  return record.line if record.unit == "line" else record.line + 1
+
+
+def read_record_corpus(data: Mapping[str, Any], *, with_train: bool = True
+                       ) -> dict:
   """The record corpus: ``{"records": {"train": [...], "eval": [...]},
   "train"/"eval": their texts, "files": {...}, "skipped": [lines]}``.
 
@@ -171,15 +188,21 @@ def read_records(data: Mapping[str, Any], *, with_train: bool = True) -> dict:
         skipped.append(f"data.eval_paths: {held_rows.skipped_summary()}")
       train, held = list(rows or ()), list(held_rows)
     else:
+      # By each row's own place in its file (every k-th line, or Parquet
+      # row), so that fixing or skipping a row, or adding a file, moves no
+      # other row between the splits.
       k = data["eval_every"]
-      train = [r for i, r in enumerate(rows) if i % k != k - 1]
-      held = [r for i, r in enumerate(rows) if i % k == k - 1]
+      held_out = [_row_number(r) % k == 0 for r in rows]
+      train = [r for r, h in zip(rows, held_out) if not h]
+      held = [r for r, h in zip(rows, held_out) if h]
   for split, records in (("training", train), ("held-out", held)):
     if not records and (split == "held-out" or train_read):
-      raise errors.MissingDataError(
-          f"the {split} split has no record (data.corpus "
-          f"{data['corpus']}, data.paths {list(data['paths'])}); add rows, "
-          "give data.eval_paths or lower data.eval_every.")
+      where = ("data.corpus stdlib_functions (raise data.max_files)"
+               if data["corpus"] == "stdlib_functions" else
+               f"data.paths {list(data['paths'])}: add rows, give "
+               "data.eval_paths, or " + ("lower" if split == "held-out"
+                                         else "raise") + " data.eval_every")
+      raise errors.MissingDataError(f"the {split} split has no record ({where}).")
   files = {split: sorted({r.path for r in records})
            for split, records in (("train", train), ("eval", held))}
   return {"train": lm.record_texts(train), "eval": lm.record_texts(held),
@@ -188,37 +211,33 @@ def read_records(data: Mapping[str, Any], *, with_train: bool = True) -> dict:
 
 
 def source_fingerprint(data: Mapping[str, Any]) -> dict:
-  """What the training data is read from, without reading it: the files'
-  paths, sizes and modification times (the standard library's for
-  ``stdlib_functions``, with the Python version), and the keys that pick
-  them. A token cache of these sources is reused without reading them."""
+  """What the training data is read from, without reading it: the files the
+  readers read, in their order, with their sizes and modification times (for
+  ``stdlib_functions``: this Python's standard library, by version and
+  path), and the keys that split them. A token cache of the same sources is
+  reused without reading them."""
   import sys  # pylint: disable=g-import-not-at-top
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
   if data["corpus"] == "stdlib_functions":
-    roots = [sysconfig.get_paths()["stdlib"]]
-    pattern = "*.py"
-  elif data["corpus"] == "stdlib" or data["format"] == "text":
-    roots = ([sysconfig.get_paths()["stdlib"]] if data["corpus"] == "stdlib"
-             else list(data["paths"]))
-    pattern = data["pattern"]
+    files = []
+  elif not is_records(data):
+    files = corpus_files(data)
   else:
-    roots, pattern = list(data["paths"]), "*"
-  files = []
-  for root in roots:
-    if os.path.isdir(root):
-      files.extend(_walk(root, pattern) if data["corpus"] != "files"
-                   or data["format"] == "text" else [
-                       os.path.join(d, f) for d, _, fs in os.walk(root)
-                       for f in fs])
-    elif os.path.isfile(root):
-      files.append(root)
+    try:
+      files = [f for f, _ in lm.record_files(list(data["paths"]),
+                                             format=data["format"])]
+      files += [f for f, _ in lm.record_files(list(data["eval_paths"]),
+                                              format=data["format"])]
+    except (OSError, ValueError):
+      files = []  # the read reports it
   h = hashlib.sha256()
-  for path in sorted(set(files)):
+  for path in files:
     st = os.stat(path)
     h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-  keys = ("corpus", "format", "pattern", "max_files", "max_file_bytes",
-          "eval_every", "eval_paths")
-  return {"python": sys.version, "files": h.hexdigest()[:16],
-          **{k: data[k] for k in keys}}
+  keys = ("corpus", "format", "paths", "eval_paths", "pattern", "max_files",
+          "max_file_bytes", "eval_every")
+  return {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"],
+          "files": h.hexdigest()[:16], **{k: data[k] for k in keys}}
 
 
 def corpus_fingerprint(corpus: Mapping[str, Any]) -> str:
@@ -433,8 +452,8 @@ def train_batches(prompts, completions, batch_size: int, seq_len: int,
     raise errors.BatchSizeError(f"config key 'data.batch_size': {e}") from None
 
 
-def packing_efficiency(batches: "lm.LMBatches", prompt_lens, completion_lens,
-                       seq_len: int) -> Optional[float]:
+def packed_rows_efficiency(batches: "lm.LMBatches", prompt_lens,
+                           completion_lens, seq_len: int) -> Optional[float]:
   """The fraction of the packed rows' slots that hold tokens (None when the
   batches are not packed)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -500,8 +519,12 @@ def token_examples(config: Mapping[str, Any], records, tokenizer,
                               last_turn_only=d["last_turn_only"],
                               on_error=on_error, truncate=d["truncate"])
   except lm.ExampleError as e:
-    raise errors.DataError(f"{e} (config keys 'data.seq_len', "
-                           "'data.truncate', 'data.on_error')") from None
+    keys = {"template_error": ("data.chat_template", "data.last_turn_only"),
+            "completion_too_long": ("data.seq_len", "data.truncate"),
+            "no_loss_token": ()}.get(e.reason, ("data.seq_len",))
+    raise errors.BadRowError(
+        f"{e} (config keys " + ", ".join(
+            repr(k) for k in (*keys, "data.on_error")) + ")") from None
 
 
 def _template_of(config: Mapping[str, Any], corpus: Mapping[str, Any],
@@ -546,18 +569,30 @@ def _cache_fingerprint(config: Mapping[str, Any], tokenizer) -> dict:
   """What a token cache of the training sequences is made from: the
   tokenizer, the sources (:func:`source_fingerprint`, nothing read), the
   chat template and the data keys that shape the sequences."""
+  import json  # pylint: disable=g-import-not-at-top
+  from kdjax import __version__  # pylint: disable=g-import-not-at-top
   d = config["data"]
   try:
-    source = chat_template(config).source if is_records(d) else None
+    template = chat_template(config) if is_records(d) else None
   except ConfigError:  # no template: conversations would be refused
-    source = None
+    template = None
+
+  def digest(text: Optional[str]) -> Optional[str]:
+    return None if text is None else hashlib.sha256(
+        text.encode()).hexdigest()[:16]
+
   keys = ("seq_len", "prompt_len", "max_train_sequences", "last_turn_only",
           "on_error", "truncate", "prompt_field", "completion_field",
           "messages_field")
   return {"tokenizer": tokenizer.fingerprint,
+          # The whole tokenizer.json: the fingerprint above covers the
+          # vocabulary and special ids, not the normalizer/pre-tokenizer.
+          "tokenizer_json": digest(tokenizer.json_text),
           "sources": source_fingerprint(d),
-          "chat_template": (None if source is None else hashlib.sha256(
-              source.encode()).hexdigest()[:16]),
+          "chat_template": None if template is None else digest(json.dumps(
+              [template.source, dict(template.special_tokens)])),
+          # The code that makes the examples (splits, skip rules, masks).
+          "kdjax": __version__,
           **{k: d[k] for k in keys}}
 
 
@@ -590,13 +625,21 @@ def _cached_train_sequences(config: Mapping[str, Any],
                                                "train", template, out)
     yield from zip(prompts, completions)
 
+  rebuild = d["cache_rebuild"]
   try:
-    cache = lm.write_token_cache(
-        path, examples(), fingerprint=parts,
-        on_mismatch="rebuild" if d["cache_rebuild"] else "error")
-  except lm.TokenCacheError as e:
+    cache = lm.write_token_cache(path, examples(), fingerprint=parts,
+                                 on_mismatch="rebuild" if rebuild else "error")
+  except lm.TokenCacheMismatchError as e:
     raise ConfigError(f"config key 'data.cache_dir': {e} (set "
                       "data.cache_rebuild=true to rebuild it)") from None
+  except lm.TokenCacheError as e:  # a cache of these inputs, but damaged
+    if not (rebuild and os.path.exists(os.path.join(path, "manifest.json"))):
+      raise errors.RunError(
+          f"the token cache in {path} cannot be read ({e}); delete the "
+          "directory, or set data.cache_rebuild=true to rebuild it.") from None
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(path)
+    cache = lm.write_token_cache(path, examples(), fingerprint=parts)
   out(f"[lm] token cache {path}: {len(cache)} training sequences, "
       f"{cache.num_tokens} tokens (written)")
   return cache, corpus
@@ -658,15 +701,17 @@ def load_data(config: Mapping[str, Any],
     out(f"[lm] {line}")
   if not held_out[0]:
     raise errors.MissingDataError(
-        f"the held-out data ({len(corpus['files']['eval'])} files) holds no "
-        f"sequence of {d['seq_len'] + 1} tokens; add data or lower "
-        "data.seq_len.")
+        f"the held-out data ({len(corpus['files']['eval'])} files) gives no "
+        "sequence: " + ("every record was skipped (raise data.seq_len, or see "
+                        "the counts above)" if "records" in corpus else
+                        f"no window of {d['seq_len'] + 1} tokens (add text or "
+                        "lower data.seq_len)") + ".")
   batches, efficiency = None, None
   if train:
     source = (cache, None) if cache is not None else train_seqs
     batches = train_batches(*source, d["batch_size"], d["seq_len"],
                             tokenizer.pad_id, config["seed"], pack=d["pack"])
-    efficiency = packing_efficiency(batches, *lengths, d["seq_len"])
+    efficiency = packed_rows_efficiency(batches, *lengths, d["seq_len"])
     if efficiency is not None:
       out(f"[lm] packed {len(train_seqs[0])} training sequences into "
           f"{len(batches.packed_rows)} rows of {d['seq_len']} tokens: "

@@ -7,8 +7,9 @@ signals)::
 
   checks           the run directory holds no other model's run; the teacher
                    is on disk (before any data is read)
-  data.load_data   corpus (local files) -> tokenizer -> windows of seq_len + 1
-                   ids -> resumable shuffled batches (kdjax.lm.LMBatches)
+  data.load_data   corpus (text windows of seq_len + 1 ids, or one example per
+                   record / assistant turn) -> tokenizer -> (token cache) ->
+                   resumable shuffled batches (kdjax.lm.LMBatches, packed)
   models           the teacher (a Hugging Face checkpoint or a teacher run;
                    its tokenizer must be the student's) and the student:
                    kdjax.lm.DecoderLM or a Tunix Qwen3 / Llama 3 / Gemma 3
@@ -39,6 +40,7 @@ from kdjax.cli.lm import data as _lm_data
 from kdjax.cli.lm import evaluate as _lm_evaluate
 from kdjax.cli.lm import export as _lm_export
 from kdjax.cli.lm import models as _lm_models
+from kdjax.cli.config.base import ConfigError
 from kdjax.cli.trainer import Objective
 
 
@@ -136,6 +138,10 @@ def train(config: dict, *, command: str, side: str, run_dir: str,
   """Trains ``config[side]`` with ``objective`` in ``run_dir`` (resuming
   it), distilling from the teacher of ``teacher.hf_path`` or the teacher run
   in ``teacher_dir`` when ``teacher_needed``."""
+  if config["data"]["pack"] and lm.LM_OBJECTIVES[objective].rollout:
+    raise ConfigError(
+        f"config key 'data.pack' is not for objective {objective} (it "
+        "generates from each row's prompt); set data.pack=false.")
   _trainer.check_run_kind(run_dir, side, command)
   data = _lm_data.load_data(config, teacher=teacher_needed,
                             teacher_dir=teacher_dir, out=out)
@@ -156,7 +162,9 @@ def train(config: dict, *, command: str, side: str, run_dir: str,
       f"{objective}" + (f", teacher {teacher.path}" if teacher else "")
       + f"; {steps} steps of {d['batch_size']} x {d['seq_len']} tokens "
       f"({epochs:.2f} epochs of {len(data.train[0])} sequences from "
-      f"{len(data.corpus['files']['train'])} files); run dir {run_dir}")
+      + (f"{len(data.corpus['files']['train'])} files"
+         if data.corpus["train_read"] else "the token cache")
+      + f"); run dir {run_dir}")
   teacher_variables = None if teacher is None else teacher.variables
   job = _trainer.Job(
       command=command, run_dir=run_dir, model=side, method=objective,

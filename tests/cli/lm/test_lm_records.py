@@ -149,6 +149,9 @@ def test_bad_rows_are_named_or_counted(tmp_path):
   lines = []
   data = _lm_data.load_data(config, out=lines.append)
   assert len(data.train[0]) + len(data.held_out[0]) == 18
+  # Held out: every 6th line (lm_tiny's eval_every) of the file, whichever
+  # rows were skipped (line 12, bad JSON, is gone; no other row moves).
+  assert [r.line for r in data.corpus["records"]["eval"]] == [6, 18]
   assert any("skipped 2 rows: 1 bad JSON, 1 empty completion" in line
              for line in lines)
 
@@ -159,7 +162,7 @@ def test_a_prompt_longer_than_seq_len_names_the_key(tmp_path):
   path = _write_jsonl(tmp_path / "d.jsonl", rows)
   config = _config(tmp_path / "run", "data.format=jsonl",
                    f"data.paths=[{path}]")
-  with pytest.raises(errors.DataError, match=r"line 4.*data.seq_len"):
+  with pytest.raises(errors.BadRowError, match=r"line 4.*data.seq_len"):
     _lm_data.load_data(config, out=_quiet)
   lines = []
   data = _lm_data.load_data(
@@ -273,9 +276,10 @@ def test_packed_rows(tmp_path):
     for s in set(int(x) for x in seg) - {0}:
       got = tuple(int(t) for t in targets[(seg == s) & (mask > 0)])
       assert got in completions
-  with pytest.raises(errors.UsageError, match="data.pack"):
-    _config(tmp_path / "run", *sets, "data.pack=true",
-            "distill.objective=gkd")
+  rc, _, err = _run(["lm", "distill", "--config", LM_TINY, "--set",
+                     f"output_dir={tmp_path / 'run'}", "data.corpus=files",
+                     *sets, "data.pack=true", "distill.objective=gkd"])
+  assert rc == errors.EXIT_USAGE and "data.pack" in err, err
 
 
 def test_a_tokenizer_without_the_templates_tokens_is_refused(tmp_path):
@@ -328,3 +332,22 @@ def test_token_cache_is_written_once_and_reused(tmp_path):
                                        "data.seq_len=48",
                                        "data.cache_rebuild=true"), out=_quiet)
   assert len(rebuilt.train[0]) == 36
+
+
+def test_the_cache_fingerprint_follows_what_is_read(tmp_path):
+  """The sources' fingerprint changes with the paths' order (it moves rows
+  between the splits) and a data file's contents, not with other files."""
+  (tmp_path / "data").mkdir()
+  a = _write_jsonl(tmp_path / "data" / "a.jsonl", _pairs(6))
+  b = _write_jsonl(tmp_path / "data" / "b.jsonl", _pairs(9))
+  base = _lm_config.load_config([LM_TINY], [
+      "data.corpus=files", "data.format=jsonl", f"data.paths=[{a}, {b}]"])
+  swapped = {**base, "data": {**base["data"], "paths": [b, a]}}
+  as_dir = {**base, "data": {**base["data"], "paths": [str(tmp_path / "data")]}}
+  fp = _lm_data.source_fingerprint
+  assert fp(base["data"]) != fp(swapped["data"])
+  before = fp(as_dir["data"])
+  (tmp_path / "data" / "notes.txt").write_text("not data")
+  assert fp(as_dir["data"]) == before
+  _write_jsonl(tmp_path / "data" / "b.jsonl", _pairs(10))
+  assert fp(as_dir["data"]) != before
