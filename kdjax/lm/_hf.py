@@ -433,6 +433,12 @@ def save_hf_checkpoint(path: str, family: str, model: Any, *,
   special_ids = _hf_serving.special_ids_of(tokenizer)
   if special_ids is not None:  # a kdjax.lm.Tokenizer
     text = tokenizer.json_text
+    if text is None and tokenizer_files_from is not None:
+      # Bytes have no tokenizer.json to compare with the source's.
+      raise HFCheckpointError(
+          f"a {tokenizer.kind} tokenizer cannot be checked against the "
+          f"tokenizer files of {tokenizer_files_from!r}: pass the source's "
+          "tokenizer, or no tokenizer_files_from")
     tokenizer = None if text is None else _tokenizer_from_str(text)
   tensors = hf_state_dict(family, model)
   if dtype is not None:

@@ -323,3 +323,14 @@ def test_generation_ids_outside_the_vocabulary_are_refused(teachers,
   with pytest.raises(lm.HFCheckpointError, match="eos_token_id"):
     export_student("qwen3", str(teacher_dir), tmp_path / "out")
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_bytes_tokenizer_is_not_exported_with_a_teachers_files(tmp_path):
+  """Bytes have no tokenizer.json to check against the teacher's files."""
+  model = tiny_qwen3(tmp_path)
+  teacher = tmp_path / "teacher"
+  teacher.mkdir()
+  with pytest.raises(lm.HFCheckpointError, match="bytes tokenizer"):
+    lm.save_hf_checkpoint(str(tmp_path / "out"), "qwen3", model,
+                          tokenizer=lm.byte_tokenizer(),
+                          tokenizer_files_from=str(teacher))

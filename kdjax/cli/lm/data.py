@@ -287,6 +287,18 @@ def tokenizer_of_file(path: str, tok_config: Mapping[str, Any],
       tok_config, path)
 
 
+# Beside the shared BPE: the data keys that chose its training split.
+BPE_DATA_FILE = "tokenizer_data.json"
+
+
+def _split_keys(data: Mapping[str, Any]) -> dict:
+  """The data keys that decide which texts are training data."""
+  keys = ("corpus", "format", "paths", "eval_paths", "pattern", "max_files",
+          "max_file_bytes", "eval_every", "prompt_field", "completion_field",
+          "messages_field")
+  return {k: data[k] for k in keys}
+
+
 def bpe_path(config: Mapping[str, Any]) -> str:
   """Where the shared BPE tokenizer lives: ``<output_dir>/tokenizer.json``."""
   return os.path.join(config["output_dir"], "tokenizer.json")
@@ -311,7 +323,25 @@ def build_tokenizer(config: Mapping[str, Any], corpus: Optional[Mapping] = None,
   if tc["kind"] == "file":
     return tokenizer_of_file(tc["path"], tc)
   path = bpe_path(config)
+  stamp_path = os.path.join(os.path.dirname(path) or ".", BPE_DATA_FILE)
+  stamp = _split_keys(config["data"])
   if os.path.exists(path):
+    if not os.path.exists(stamp_path):
+      out(f"[lm] {path} has no record of the data it was trained on (made "
+          "before kdjax kept one); if data.corpus or the split changed since, "
+          "use a new output_dir: held-out data must not reach the tokenizer.")
+    else:
+      import json  # pylint: disable=g-import-not-at-top
+      with open(stamp_path) as f:
+        trained_on = json.load(f)
+      if trained_on != stamp:
+        changed = sorted(k for k in set(stamp) | set(trained_on)
+                         if stamp.get(k) != trained_on.get(k))
+        raise ConfigError(
+            f"the BPE tokenizer {path} was trained on other data than this "
+            f"config's (data keys {', '.join(changed)} differ), so it may have "
+            "seen this config's held-out data; use a new output_dir (or "
+            "delete the tokenizer and the runs made with it).")
     return tokenizer_of_file(path, tc, kind="bpe")
   if corpus is None:
     corpus = read_corpus(config["data"])
@@ -320,6 +350,7 @@ def build_tokenizer(config: Mapping[str, Any], corpus: Optional[Mapping] = None,
           lm.train_bpe(corpus["train"], tc["vocab_size"]), name=path,
           kind="bpe", **specials), tc, path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  runs.write_json(stamp_path, stamp)
   tokenizer.save(os.path.dirname(path) or ".")
   out(f"[lm] trained a byte-level BPE tokenizer ({tc['vocab_size']} ids) "
       f"on the training data ({len(corpus['files']['train'])} files): {path}")

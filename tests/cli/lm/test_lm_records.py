@@ -351,3 +351,17 @@ def test_the_cache_fingerprint_follows_what_is_read(tmp_path):
   assert fp(as_dir["data"]) == before
   _write_jsonl(tmp_path / "data" / "b.jsonl", _pairs(10))
   assert fp(as_dir["data"]) != before
+
+
+def test_a_bpe_trained_on_other_data_is_refused(tmp_path):
+  """The shared BPE remembers the data keys of its training split: a config
+  that splits other data refuses it (it may have seen the held-out rows)."""
+  path = _write_jsonl(tmp_path / "d.jsonl", _pairs(40))
+  sets = ["data.format=jsonl", f"data.paths=[{path}]"]
+  _lm_data.load_data(_config(tmp_path / "run", *sets, "data.eval_every=5"),
+                     out=_quiet)
+  _lm_data.load_data(_config(tmp_path / "run", *sets, "data.eval_every=5"),
+                     out=_quiet)  # the same split: reused
+  with pytest.raises(errors.UsageError, match=r"data keys eval_every differ"):
+    _lm_data.load_data(_config(tmp_path / "run", *sets, "data.eval_every=4"),
+                       out=_quiet)
