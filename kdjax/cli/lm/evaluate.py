@@ -234,7 +234,7 @@ def generate_run(run_dir: str, prompts: Sequence[str] = (), *,
         f"generate.max_new_tokens ({g['max_new_tokens']}) exceeds the model's "
         f"max_len ({model.max_len}).")
   sampling = _lm_data.sampling_config(tokenizer, temperature=g["temperature"],
-                             top_k=g["top_k"], top_p=g["top_p"])
+                                      top_k=g["top_k"], top_p=g["top_p"])
   with errors.during_run():
     gen = jax.jit(lambda v, t, p, k: model.generate(v, t, p, k, sampling))
     result = gen(variables, buf, prompt_len,
@@ -242,8 +242,12 @@ def generate_run(run_dir: str, prompts: Sequence[str] = (), *,
     tokens, lengths = jax.device_get(result)
   samples = []
   for i, text in enumerate(texts):
-    cont = tokenizer.decode(tokens[i, prompt_len[i]:lengths[i]])
-    samples.append({"prompt": text, "continuation": cont})
+    # The buffer fits the longest prompt plus max_new_tokens: a shorter
+    # prompt's row has room for more, which is not asked for.
+    end = min(int(lengths[i]), int(prompt_len[i]) + g["max_new_tokens"])
+    cont = tokenizer.decode(tokens[i, prompt_len[i]:end])
+    samples.append({"prompt": text, "continuation": cont,
+                    "new_tokens": end - int(prompt_len[i])})
     out(f"--- prompt {i}: {text!r}\n{cont}")
   runs.write_json(os.path.join(run_dir, SAMPLES_FILE), {
       "step": run.latest_step(), "sampling": {

@@ -137,6 +137,15 @@ def test_distill_token_kd_eval_and_generate(flow, token_kd_run):
   # lm_tiny.yaml: generate.num_prompts = 2 held-out prompts.
   assert len(samples) == 2 and out.count("--- prompt") == 2
   assert all(s["prompt"] and "continuation" in s for s in samples), samples
+  # Prompts of different lengths: each gets at most max_new_tokens.
+  rc, out, err = run_main(["lm", "generate", run, "--prompt", "def f(",
+                           "--prompt", "import os\nimport sys\n\ndef main(",
+                           "--set", "generate.max_new_tokens=3",
+                           "generate.temperature=1.0"])
+  assert rc == 0, out + err
+  samples = json.loads((run / "samples.json").read_text())["samples"]
+  assert len(samples) == 2
+  assert all(0 < s["new_tokens"] <= 3 for s in samples), samples
 
 
 def test_lean_kd_is_token_kd_without_logits(flow, token_kd_run):
