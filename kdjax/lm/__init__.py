@@ -45,7 +45,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._cross_tokenizer": ("TEACHER_PREFIX", "PairTokenizer",
         "make_cross_tokenizer_batch", "make_teacher_lm_apply", "make_uld_loss",
         "uld_term"),
-    "._examples": ("EXAMPLE_REASONS", "ExampleError", "TokenExamples",
+    "._examples": ("EXAMPLE_REASONS", "ExampleError", "ExampleStream",
+        "TokenExample", "TokenExamples", "iter_record_examples",
         "record_examples", "record_texts"),
     "._data": ("ByteTokenizer", "iterate_batches", "make_lm_batch",
         "text_examples"),
@@ -67,8 +68,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "._packing": ("POSITIONS_KEY", "SEGMENT_IDS_KEY", "check_unpacked",
         "is_packed", "make_packed_batch", "pack_examples", "pack_lengths",
         "packed_attention_mask", "packing_efficiency", "segment_positions"),
-    "._records": ("Record", "RecordError", "RecordSet", "read_records",
-        "record_files"),
+    "._records": ("Record", "RecordError", "RecordSet", "RecordStream",
+        "iter_records", "read_records", "record_files"),
     "._stdlib_functions": ("StdlibFunctionSummary", "stdlib_function_records",
         "stdlib_function_summary", "stdlib_module_split", "stdlib_modules"),
     "._token_cache": ("TokenCache", "TokenCacheError",
@@ -93,8 +94,8 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       check_chat_template_tokens,
       encode_prompt_completion, encode_record, load_chat_template)
   from kdjax.lm._examples import (
-      EXAMPLE_REASONS, ExampleError, TokenExamples, record_examples,
-      record_texts)
+      EXAMPLE_REASONS, ExampleError, ExampleStream, TokenExample,
+      TokenExamples, iter_record_examples, record_examples, record_texts)
   from kdjax.lm._bundle import (
       LMModel, NNXParams, VocabularySizeError, decoder_lm_model,
       tunix_lm_model)
@@ -127,7 +128,8 @@ if TYPE_CHECKING:  # the lazy names above, for type checkers and IDEs
       make_packed_batch, pack_examples, pack_lengths, packed_attention_mask,
       packing_efficiency, segment_positions)
   from kdjax.lm._records import (
-      Record, RecordError, RecordSet, read_records, record_files)
+      Record, RecordError, RecordSet, RecordStream, iter_records,
+      read_records, record_files)
   from kdjax.lm._stdlib_functions import (
       StdlibFunctionSummary, stdlib_function_records, stdlib_function_summary,
       stdlib_module_split, stdlib_modules)

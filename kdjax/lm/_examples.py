@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import (Any, Iterable, Iterator, Mapping, NamedTuple, Optional,
+                    Union)
 
 from kdjax.lm._chat import ChatTemplate
 from kdjax.lm._chat import ChatTemplateError
@@ -142,62 +143,126 @@ def record_examples(records: Iterable[Record], tokenizer: Any, seq_len: int,
     The :class:`TokenExamples`, in the order of the records (a conversation's
     turns in order).
   """
-  if on_error not in ON_ERROR:
-    raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
+  stream = iter_record_examples(
+      records, tokenizer, seq_len, template=template,
+      last_turn_only=last_turn_only, template_kwargs=template_kwargs,
+      on_error=on_error, truncate=truncate)
   prompts, completions, sources, paths = [], [], [], []
-  skipped: collections.Counter = collections.Counter()
-  first: dict[str, str] = {}
-  truncated = 0
-
-  def refuse(record: Record, reason: str, detail: str) -> None:
-    message = f"{record.where}: {detail}"
-    if on_error == "fail":
-      raise ExampleError(message, where=record.where, reason=reason)
-    skipped[reason] += 1
-    first.setdefault(reason, message)
-
-  for record in records:
-    try:
-      if record.is_chat:
-        if template is None:
-          raise ChatTemplateError("a conversation needs a chat template.")
-        encoding = apply_chat_template(
-            tokenizer, record.messages or (), template,
-            last_turn_only=last_turn_only, template_kwargs=template_kwargs)
-      else:
-        encoding = encode_prompt_completion(tokenizer, record.prompt or "",
-                                            record.completion or "")
-    except ChatTemplateError as e:
-      refuse(record, "template_error", str(e))
-      continue
-    pairs = encoding.turns()
-    if not pairs:
-      refuse(record, "no_loss_token", "the rendered conversation has no "
-             "assistant token (is the assistant's content empty?).")
-      continue
-    if len(pairs[0][0]) > seq_len:
-      refuse(record, "prompt_too_long",
-             f"its prompt has {len(pairs[0][0])} tokens, more than seq_len "
-             f"({seq_len}): no completion token would fit; raise seq_len "
-             "or shorten the prompt.")
-      continue
-    if not truncate and any(len(p) <= seq_len < len(p) + len(c) - 1
-                            for p, c in pairs):
-      refuse(record, "completion_too_long",
-             f"prompt and completion hold more than seq_len + 1 "
-             f"({seq_len + 1}) tokens; raise seq_len, or allow truncation.")
-      continue
-    for prompt, completion in pairs:
-      if len(prompt) > seq_len:  # the earlier turns of the record are kept
-        skipped["late_turn"] += 1
-        first.setdefault("late_turn", f"{record.where}: an assistant turn "
-                         f"starts at token {len(prompt)}, past seq_len "
-                         f"({seq_len}).")
-        continue
-      truncated += len(prompt) + len(completion) > seq_len + 1
-      prompts.append(tuple(prompt))
-      completions.append(tuple(completion))
-      sources.append(record.where)
-      paths.append(record.path)
+  for example in stream:
+    prompts.append(example.prompt)
+    completions.append(example.completion)
+    sources.append(example.source)
+    paths.append(example.path)
   return TokenExamples(tuple(prompts), tuple(completions), tuple(sources),
-                       tuple(paths), dict(skipped), first, truncated)
+                       tuple(paths), dict(stream.skipped),
+                       dict(stream.first_skipped), stream.truncated)
+
+
+class TokenExample(NamedTuple):
+  """One example of :class:`ExampleStream`."""
+  prompt: tuple[int, ...]
+  completion: tuple[int, ...]
+  source: str  # "<file>, line <n>"
+  path: str
+
+
+class ExampleStream:
+  """:func:`record_examples` one record at a time (for data larger than
+  memory): iterating gives :class:`TokenExample` s; ``skipped``,
+  ``first_skipped`` and ``truncated`` count as it goes."""
+
+  def __init__(self, records: Iterable[Record], tokenizer: Any, seq_len: int,
+               *, template: Union[ChatTemplate, str, None],
+               last_turn_only: bool,
+               template_kwargs: Optional[Mapping[str, Any]], on_error: str,
+               truncate: bool):
+    if on_error not in ON_ERROR:
+      raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
+    self._records, self._tokenizer, self._seq_len = records, tokenizer, seq_len
+    self._template, self._last_turn_only = template, last_turn_only
+    self._template_kwargs, self._on_error = template_kwargs, on_error
+    self._truncate = truncate
+    self.skipped: collections.Counter = collections.Counter()
+    self.first_skipped: dict[str, str] = {}
+    self.truncated = 0
+
+  def _refuse(self, record: Record, reason: str, detail: str) -> None:
+    message = f"{record.where}: {detail}"
+    if self._on_error == "fail":
+      raise ExampleError(message, where=record.where, reason=reason)
+    self.skipped[reason] += 1
+    self.first_skipped.setdefault(reason, message)
+
+  def __iter__(self) -> Iterator[TokenExample]:
+    seq_len, tokenizer, template = self._seq_len, self._tokenizer, self._template
+    for record in self._records:
+      try:
+        if record.is_chat:
+          if template is None:
+            raise ChatTemplateError("a conversation needs a chat template.")
+          encoding = apply_chat_template(
+              tokenizer, record.messages or (), template,
+              last_turn_only=self._last_turn_only,
+              template_kwargs=self._template_kwargs)
+        else:
+          encoding = encode_prompt_completion(tokenizer, record.prompt or "",
+                                              record.completion or "")
+      except ChatTemplateError as e:
+        self._refuse(record, "template_error", str(e))
+        continue
+      pairs = encoding.turns()
+      if not pairs:
+        self._refuse(record, "no_loss_token", "the rendered conversation has "
+                     "no assistant token (is the assistant's content empty?).")
+        continue
+      if len(pairs[0][0]) > seq_len:
+        self._refuse(record, "prompt_too_long",
+                     f"its prompt has {len(pairs[0][0])} tokens, more than "
+                     f"seq_len ({seq_len}): no completion token would fit; "
+                     "raise seq_len or shorten the prompt.")
+        continue
+      if not self._truncate and any(len(p) <= seq_len < len(p) + len(c) - 1
+                                    for p, c in pairs):
+        self._refuse(record, "completion_too_long",
+                     f"prompt and completion hold more than seq_len + 1 "
+                     f"({seq_len + 1}) tokens; raise seq_len, or allow "
+                     "truncation.")
+        continue
+      for prompt, completion in pairs:
+        if len(prompt) > seq_len:  # the earlier turns of the record are kept
+          self.skipped["late_turn"] += 1
+          self.first_skipped.setdefault(
+              "late_turn", f"{record.where}: an assistant turn starts at "
+              f"token {len(prompt)}, past seq_len ({seq_len}).")
+          continue
+        self.truncated += len(prompt) + len(completion) > seq_len + 1
+        yield TokenExample(tuple(prompt), tuple(completion), record.where,
+                           record.path)
+
+  def summary(self) -> str:
+    """The counts so far, as :meth:`TokenExamples.summary` words them
+    (without the number of examples)."""
+    text = f"{self.truncated} truncated"
+    n = sum(self.skipped.values())
+    if n:
+      text += f"; skipped {n}: " + ", ".join(
+          f"{count} {EXAMPLE_REASONS.get(reason, reason)}"
+          for reason, count in sorted(self.skipped.items()))
+    return text
+
+
+def iter_record_examples(records: Iterable[Record], tokenizer: Any,
+                         seq_len: int, *,
+                         template: Union[ChatTemplate, str, None] = None,
+                         last_turn_only: bool = False,
+                         template_kwargs: Optional[Mapping[str, Any]] = None,
+                         on_error: str = "fail",
+                         truncate: bool = True) -> ExampleStream:
+  """:func:`record_examples` as a stream (the same arguments): e.g.
+  ``kdjax.lm.write_token_cache(dir, ((e.prompt, e.completion) for e in
+  iter_record_examples(kdjax.lm.iter_records(paths), tok, L)), ...)``
+  tokenizes files larger than memory into a cache one record at a time."""
+  return ExampleStream(records, tokenizer, seq_len, template=template,
+                       last_turn_only=last_turn_only,
+                       template_kwargs=template_kwargs, on_error=on_error,
+                       truncate=truncate)

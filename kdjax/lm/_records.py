@@ -146,12 +146,16 @@ class RecordSet(Sequence[Record]):
   def skipped_summary(self) -> str:
     """``"skipped 3 rows: 2 empty completion, 1 bad JSON"`` (most frequent
     reason first), or ``"skipped 0 rows"``."""
-    n = self.num_skipped
-    if not n:
-      return "skipped 0 rows"
-    parts = [f"{count} {REASONS.get(reason, reason)}" for reason, count in
-             sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0]))]
-    return f"skipped {n} row{'s' if n != 1 else ''}: " + ", ".join(parts)
+    return _skipped_summary(self.skipped)
+
+
+def _skipped_summary(skipped: Mapping[str, int]) -> str:
+  n = sum(skipped.values())
+  if not n:
+    return "skipped 0 rows"
+  parts = [f"{count} {REASONS.get(reason, reason)}" for reason, count in
+           sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))]
+  return f"skipped {n} row{'s' if n != 1 else ''}: " + ", ".join(parts)
 
 
 # -----------------------------------------------------------------------------
@@ -384,35 +388,78 @@ def read_records(paths: Union[PathLike, Sequence[PathLike]], *,
       its extension does not tell (with ``format="auto"``).
     ImportError: a Parquet file without ``pyarrow``.
   """
+  stream = iter_records(paths, format=format, prompt_field=prompt_field,
+                        completion_field=completion_field,
+                        messages_field=messages_field, on_error=on_error)
+  records = tuple(stream)
+  return RecordSet(records, dict(stream.skipped), dict(stream.first_skipped),
+                   stream.files)
+
+
+class RecordStream:
+  """The records of dataset files, read one row at a time as it is iterated
+  (for data larger than memory; :func:`iter_records`).
+
+  Attributes:
+    files: the files, in the order they are read.
+    skipped: reason -> rows skipped so far (``on_error="skip"``).
+    first_skipped: reason -> the first such row's message.
+  """
+
+  def __init__(self, files: Sequence[tuple[str, str]], *, prompt_field: str,
+               completion_field: str, messages_field: str, on_error: str):
+    self._files = list(files)
+    self.files = tuple(path for path, _ in self._files)
+    self._fields = dict(prompt_field=prompt_field,
+                        completion_field=completion_field,
+                        messages_field=messages_field)
+    self._on_error = on_error
+    self.skipped: collections.Counter = collections.Counter()
+    self.first_skipped: dict[str, str] = {}
+
+  def __iter__(self) -> Iterator[Record]:
+    for path, fmt in self._files:
+      unit = "line" if fmt == "jsonl" else "row"
+      rows = _jsonl_rows(path) if fmt == "jsonl" else _parquet_rows(path)
+      for line, row, bad_json in rows:
+        try:
+          if bad_json is not None:
+            raise _Bad("bad_json", None, bad_json)
+          record = _record(row, path=path, line=line, unit=unit,
+                           **self._fields)
+        except _Bad as bad:
+          field = "" if bad.field is None else f", field {bad.field!r}"
+          message = (f"{path}, {unit} {line}{field}: {bad.detail} "
+                     f"[{REASONS[bad.reason]}]")
+          if self._on_error == "fail":
+            raise RecordError(
+                message + "; fix the row, or pass on_error='skip' to skip "
+                "and count such rows.", path=path, line=line, unit=unit,
+                field=bad.field, reason=bad.reason) from None
+          self.skipped[bad.reason] += 1
+          self.first_skipped.setdefault(bad.reason, message)
+          continue
+        yield record
+
+  def skipped_summary(self) -> str:
+    """The rows skipped so far, as :meth:`RecordSet.skipped_summary`."""
+    return _skipped_summary(self.skipped)
+
+
+def iter_records(paths: Union[PathLike, Sequence[PathLike]], *,
+                 format: str = "auto",  # pylint: disable=redefined-builtin
+                 prompt_field: str = "prompt",
+                 completion_field: str = "completion",
+                 messages_field: str = "messages",
+                 on_error: str = "fail") -> RecordStream:
+  """:func:`read_records` as a stream: the files are listed (and a bad path
+  or format raised) now, the rows read one at a time as the returned
+  :class:`RecordStream` is iterated (a JSONL line at a time; a Parquet file
+  at a time), its ``skipped`` counts growing as it goes."""
   if format not in FORMATS:
     raise ValueError(f"format={format!r}: use one of {FORMATS}.")
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
-  records: list[Record] = []
-  skipped: collections.Counter = collections.Counter()
-  first: dict[str, str] = {}
-  files = _files(paths, format)
-  for path, fmt in files:
-    unit = "line" if fmt == "jsonl" else "row"
-    rows = _jsonl_rows(path) if fmt == "jsonl" else _parquet_rows(path)
-    for line, row, bad_json in rows:
-      try:
-        if bad_json is not None:
-          raise _Bad("bad_json", None, bad_json)
-        records.append(_record(
-            row, path=path, line=line, unit=unit, prompt_field=prompt_field,
-            completion_field=completion_field,
-            messages_field=messages_field))
-      except _Bad as bad:
-        field = "" if bad.field is None else f", field {bad.field!r}"
-        message = (f"{path}, {unit} {line}{field}: {bad.detail} "
-                   f"[{REASONS[bad.reason]}]")
-        if on_error == "fail":
-          raise RecordError(
-              message + "; fix the row, or pass on_error='skip' to skip and "
-              "count such rows.", path=path, line=line, unit=unit,
-              field=bad.field, reason=bad.reason) from None
-        skipped[bad.reason] += 1
-        first.setdefault(bad.reason, message)
-  return RecordSet(tuple(records), dict(skipped), first,
-                   tuple(path for path, _ in files))
+  return RecordStream(_files(paths, format), prompt_field=prompt_field,
+                      completion_field=completion_field,
+                      messages_field=messages_field, on_error=on_error)

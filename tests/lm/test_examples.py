@@ -133,3 +133,16 @@ def test_no_truncation_makes_a_long_completion_an_error(tokenizer):
                           on_error="skip")
   assert len(ex) == 1 and ex.skipped == {"completion_too_long": 1}
   assert ex.truncated == 0
+
+
+def test_the_example_stream_equals_record_examples(tokenizer):
+  records = [_record(i, prompt=f"def f{i}(x):", completion=" return x" * i)
+             for i in range(1, 8)]
+  whole = lm.record_examples(records, tokenizer, seq_len=16, on_error="skip")
+  stream = lm.iter_record_examples(iter(records), tokenizer, seq_len=16,
+                                   on_error="skip")
+  got = list(stream)
+  assert tuple(e.prompt for e in got) == whole.prompts
+  assert tuple(e.completion for e in got) == whole.completions
+  assert stream.truncated == whole.truncated > 0
+  assert dict(stream.skipped) == dict(whole.skipped)

@@ -214,3 +214,19 @@ def test_record_files_lists_what_read_records_reads(tmp_path):
   assert [os.path.relpath(f, tmp_path) for f, _ in files] == [
       "a.jsonl", "b.jsonl", os.path.join("sub", "c.jsonl")]
   assert [f for f, _ in files] == list(lm.read_records(str(tmp_path)).files)
+
+
+def test_iter_records_reads_as_it_goes(tmp_path):
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"prompt": "a", "completion": "b"}\n{bad\n'
+                  '{"prompt": "c", "completion": "d"}\n')
+  stream = lm.iter_records(str(path))  # nothing read yet: no error
+  it = iter(stream)
+  assert next(it).prompt == "a"
+  with pytest.raises(lm.RecordError, match="line 2"):
+    next(it)
+  skipping = lm.iter_records(str(path), on_error="skip")
+  assert [r.prompt for r in skipping] == ["a", "c"]
+  assert skipping.skipped == {"bad_json": 1}
+  assert skipping.skipped_summary() == "skipped 1 row: 1 bad JSON"
+  assert skipping.files == (str(path),)

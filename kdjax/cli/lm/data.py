@@ -640,6 +640,7 @@ def _cached_train_sequences(config: Mapping[str, Any],
   d = config["data"]
   parts = _cache_fingerprint(config, tokenizer)
   path = os.path.join(d["cache_dir"], "train")
+  streamed = not corpus["train_read"] and _streamable(d)
   if not corpus["train_read"]:
     try:
       cache = lm.open_token_cache(path, fingerprint=parts)
@@ -647,11 +648,15 @@ def _cached_train_sequences(config: Mapping[str, Any],
           f"{cache.num_tokens} tokens (reused; the training data not read)")
       return cache, corpus
     except lm.TokenCacheError:
-      corpus = read_corpus(d)
+      if not streamed:
+        corpus = read_corpus(d)
   template = _template_of(config, corpus, tokenizer) if (
       "records" in corpus) else None
 
   def examples():
+    if streamed:  # one record at a time: data larger than memory
+      yield from _streamed_train_examples(config, tokenizer, template, out)
+      return
     prompts, completions, _ = _split_sequences(config, corpus, tokenizer,
                                                "train", template, out)
     yield from zip(prompts, completions)
@@ -674,6 +679,49 @@ def _cached_train_sequences(config: Mapping[str, Any],
   out(f"[lm] token cache {path}: {len(cache)} training sequences, "
       f"{cache.num_tokens} tokens (written)")
   return cache, corpus
+
+
+def _streamable(data: Mapping[str, Any]) -> bool:
+  """Whether the training split can be tokenized into the cache one record at
+  a time, never held in memory: rows of ``data.paths`` with the held-out
+  rows in their own files (``data.eval_paths``)."""
+  return (data["corpus"] == "files" and is_records(data)
+          and bool(data["eval_paths"]))
+
+
+def _streamed_train_examples(config: Mapping[str, Any], tokenizer, template,
+                             out: Callable[[str], None]):
+  """``(prompt, completion)`` of ``data.paths``' rows, read and tokenized one
+  at a time (the first ``max_train_sequences``); the counts printed at the
+  end."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  from kdjax import lm  # pylint: disable=g-import-not-at-top
+  d = config["data"]
+  if template is None:
+    try:  # conversations are known only as they come
+      template = chat_template(config)
+    except ConfigError:
+      template = None
+  try:
+    records = lm.iter_records(
+        list(d["paths"]), format=d["format"], prompt_field=d["prompt_field"],
+        completion_field=d["completion_field"],
+        messages_field=d["messages_field"], on_error=d["on_error"])
+    stream = lm.iter_record_examples(
+        records, tokenizer, d["seq_len"], template=template,
+        last_turn_only=d["last_turn_only"], on_error=d["on_error"],
+        truncate=d["truncate"])
+    n = 0
+    for example in itertools.islice(stream, d["max_train_sequences"]):
+      n += 1
+      yield example.prompt, example.completion
+  except lm.RecordError as e:
+    raise errors.BadRowError(f"{e} (config key 'data.on_error')") from None
+  except lm.ExampleError as e:
+    raise errors.BadRowError(f"{e} (config keys 'data.seq_len', "
+                             "'data.chat_template', 'data.on_error')") from None
+  out(f"[lm] training data: streamed {n} examples from {len(records.files)} "
+      f"files ({stream.summary()}; {records.skipped_summary()})")
 
 
 def _needs_training_texts(config: Mapping[str, Any]) -> bool:
@@ -702,8 +750,8 @@ def load_data(config: Mapping[str, Any],
   d = config["data"]
   # With a token cache on disk, the training split is read only if the cache
   # turns out not to be of these inputs.
-  cached = bool(train and d["cache_dir"] and os.path.isdir(
-      os.path.join(d["cache_dir"], "train")))
+  cached = bool(train and d["cache_dir"] and (
+      os.path.isdir(os.path.join(d["cache_dir"], "train")) or _streamable(d)))
   corpus = read_corpus(d, with_train=not cached)
   if tokenizer is None:
     if not corpus["train_read"] and _needs_training_texts(config):

@@ -365,3 +365,29 @@ def test_a_bpe_trained_on_other_data_is_refused(tmp_path):
   with pytest.raises(errors.UsageError, match=r"data keys eval_every differ"):
     _lm_data.load_data(_config(tmp_path / "run", *sets, "data.eval_every=4"),
                        out=_quiet)
+
+
+def test_the_first_cache_build_streams_the_training_rows(tmp_path):
+  """With the held-out rows in their own files and a tokenizer that needs no
+  training, the training rows are tokenized into the cache one at a time:
+  never read into memory as a whole, the same batches as in memory."""
+  rows = _pairs(44)
+  rows[5] = {"prompt": "x", "completion": ""}  # skipped and counted
+  path = _write_jsonl(tmp_path / "d.jsonl", rows[:40])
+  held = _write_jsonl(tmp_path / "held.jsonl", rows[40:])
+  sets = ["data.format=jsonl", f"data.paths=[{path}]",
+          f"data.eval_paths=[{held}]", "tokenizer.kind=bytes",
+          "data.on_error=skip", "data.seq_len=48"]
+  lines = []
+  data = _lm_data.load_data(
+      _config(tmp_path / "run", *sets, f"data.cache_dir={tmp_path / 'c'}"),
+      out=lines.append)
+  plain = _lm_data.load_data(_config(tmp_path / "run", *sets), out=_quiet)
+  assert not data.corpus["train_read"] and data.corpus["records"]["train"] == []
+  assert any("streamed 39 examples from 1 files" in line
+             and "1 empty completion" in line for line in lines), lines
+  assert len(data.train[0]) == len(plain.train[0]) == 39
+  for step in (0, 4, 9):
+    a, b = data.batches.batch_at(step), plain.batches.batch_at(step)
+    for key in b:
+      np.testing.assert_array_equal(a[key], b[key])
