@@ -391,3 +391,34 @@ def test_the_first_cache_build_streams_the_training_rows(tmp_path):
     a, b = data.batches.batch_at(step), plain.batches.batch_at(step)
     for key in b:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_distill_on_a_chat_file_with_the_models_template_packed(tmp_path):
+  """`kdjax lm distill` on a JSONL chat file, with the chat template of a
+  Hugging Face tokenizer directory, packed: the held-out loss is over the
+  assistant tokens only."""
+  tok_dir = _chat_dir(tmp_path)
+  chats = [{"messages": [
+      {"role": "user", "content": f"What is {i} plus three?"},
+      {"role": "assistant", "content": f"It is {i + 3}."}]} for i in range(24)]
+  train = _write_jsonl(tmp_path / "chat.jsonl", chats[:20])
+  held = _write_jsonl(tmp_path / "held.jsonl", chats[20:])
+  sets = [f"output_dir={tmp_path / 'run'}", "data.corpus=files",
+          "data.format=jsonl", f"data.paths=[{train}]",
+          f"data.eval_paths=[{held}]", "data.seq_len=64", "data.pack=true",
+          "data.batch_size=2", "tokenizer.kind=file",
+          f"tokenizer.path={tok_dir}", "tokenizer.eos_token=<|im_end|>",
+          "train.steps=2"]
+  for command in ("train-teacher", "distill"):
+    rc, out, err = _run(["lm", command, "--config", LM_TINY, "--set", *sets])
+    assert rc == 0, err
+    assert "packing efficiency" in out
+  student = tmp_path / "run" / "student_token_kd"
+  meta = json.loads((student / "run.json").read_text())
+  assert meta["packed"] and 0 < meta["packing_efficiency"] <= 1
+  tok = lm.load_tokenizer(tok_dir, eos_token="<|im_end|>")
+  template = lm.load_chat_template(tok_dir)
+  assistant = sum(sum(lm.apply_chat_template(tok, c["messages"], template)
+                      .assistant_mask) for c in chats[20:])
+  summary = json.loads((student / "summary.json").read_text())
+  assert summary["eval"]["tokens"] == assistant
