@@ -45,6 +45,16 @@ EXAMPLE_REASONS = {
 }
 
 
+def _skipped_words(skipped: Mapping[str, int]) -> str:
+  """``"; skipped 2: 2 prompt longer than seq_len"`` (empty if none)."""
+  n = sum(skipped.values())
+  if not n:
+    return ""
+  return f"; skipped {n}: " + ", ".join(
+      f"{count} {EXAMPLE_REASONS.get(reason, reason)}"
+      for reason, count in sorted(skipped.items()))
+
+
 class ExampleError(ValueError):
   """A record that cannot become an example (see :func:`record_examples`).
 
@@ -95,13 +105,8 @@ class TokenExamples:
   def summary(self) -> str:
     """``"120 examples (3 truncated); skipped 2: 2 prompt longer than
     seq_len"``."""
-    text = f"{len(self)} examples ({self.truncated} truncated)"
-    n = sum(self.skipped.values())
-    if n:
-      text += f"; skipped {n}: " + ", ".join(
-          f"{count} {EXAMPLE_REASONS.get(reason, reason)}"
-          for reason, count in sorted(self.skipped.items()))
-    return text
+    return (f"{len(self)} examples ({self.truncated} truncated)"
+            + _skipped_words(self.skipped))
 
 
 def record_texts(records: Iterable[Record]) -> list[str]:
@@ -242,13 +247,7 @@ class ExampleStream:
   def summary(self) -> str:
     """The counts so far, as :meth:`TokenExamples.summary` words them
     (without the number of examples)."""
-    text = f"{self.truncated} truncated"
-    n = sum(self.skipped.values())
-    if n:
-      text += f"; skipped {n}: " + ", ".join(
-          f"{count} {EXAMPLE_REASONS.get(reason, reason)}"
-          for reason, count in sorted(self.skipped.items()))
-    return text
+    return f"{self.truncated} truncated" + _skipped_words(self.skipped)
 
 
 def iter_record_examples(records: Iterable[Record], tokenizer: Any,
