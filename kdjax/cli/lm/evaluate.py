@@ -129,6 +129,33 @@ def _run_and_model(run_dir: str, overrides: Sequence[str]):
   return run, tokenizer, model, run.restore(model)
 
 
+def _evaluate(config: Mapping[str, Any], model: "lm.LMModel", variables,
+              teacher: Optional[_lm_models.LMTeacher],
+              data: _lm_data.LMData) -> tuple[dict, str]:
+  """``(fields, words)``: ``model``'s held-out evaluation as eval.json's
+  fields (per-file sums for records) and as the words of the closing
+  line."""
+  t0 = time.perf_counter()
+  evaluator = LMEvaluator(config, model, teacher, data)
+  sums = evaluator.sequence_sums(variables)
+  report = evaluator.report(sums)
+  fields = {"model": model.description,
+            "params": _lm_models.param_count(variables),
+            "teacher": None if teacher is None else teacher.path,
+            "held_out_files": len(data.corpus["files"]["eval"]),
+            "held_out_sequences": len(data.held_out[0]),
+            "eval_s": time.perf_counter() - t0, **report}
+  if data.held_out_paths is not None:
+    fields["per_file"] = per_file(sums, data.held_out_paths)
+  div = config["eval"]["divergence"]
+  words = (f"held-out perplexity {report['perplexity']:.3f} over "
+           f"{int(report['tokens'])} tokens"
+           + (f"; teacher perplexity {report['teacher_perplexity']:.3f}, "
+              f"teacher-student {div} {report['teacher_' + div]:.4f}"
+              if teacher is not None else ""))
+  return fields, words
+
+
 def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
                  use_teacher: bool = True, overrides: Sequence[str] = (),
                  out: Callable[[str], None] = print) -> dict:
@@ -146,28 +173,12 @@ def evaluate_run(run_dir: str, teacher_dir: Optional[str] = None, *,
       teacher = _lm_models.load_run_teacher(teacher_dir, tokenizer.vocab_size)
   data = _lm_data.load_data(run.config, tokenizer, train=False, out=out)
   with errors.during_run():
-    t0 = time.perf_counter()
-    evaluator = LMEvaluator(run.config, model, teacher, data)
-    sums = evaluator.sequence_sums(variables)
-    report = evaluator.report(sums)
+    fields, words = _evaluate(run.config, model, variables, teacher, data)
     result = {"run": os.path.abspath(run_dir), "step": run.latest_step(),
-              "model": model.description,
-              "params": _lm_models.param_count(variables),
-              "teacher": None if teacher is None else teacher.path,
-              "held_out_files": len(data.corpus["files"]["eval"]),
-              "held_out_sequences": len(data.held_out[0]),
-              "eval_s": time.perf_counter() - t0, **report}
-    if data.held_out_paths is not None:
-      result["per_file"] = per_file(sums, data.held_out_paths)
+              **fields}
     runs.write_json(os.path.join(run_dir, runs.EVAL_FILE), result)
   out(f"[lm eval] {run_dir} (step {result['step']}, {model.description}): "
-      f"held-out perplexity {report['perplexity']:.3f} over "
-      f"{int(report['tokens'])} tokens"
-      + (f"; teacher perplexity {report['teacher_perplexity']:.3f}, "
-         f"teacher-student {run.config['eval']['divergence']} "
-         f"{report['teacher_' + run.config['eval']['divergence']]:.4f}"
-         if teacher is not None else "")
-      + f"; {os.path.join(run_dir, runs.EVAL_FILE)}")
+      f"{words}; {os.path.join(run_dir, runs.EVAL_FILE)}")
   return result
 
 
@@ -195,20 +206,9 @@ def evaluate_hf(hf_dir: str, config_paths: Sequence[str] = (), *,
     _lm_data.check_teacher_tokenizer(config, data.tokenizer)
     teacher = _lm_models.load_teacher(config, data.tokenizer.vocab_size)
   with errors.during_run():
-    t0 = time.perf_counter()
-    report = LMEvaluator(config, model, teacher, data)(model.variables)
-  result = {"hf": os.path.abspath(hf_dir), "model": model.description,
-            "params": _lm_models.param_count(model.variables),
-            "teacher": None if teacher is None else teacher.path,
-            "held_out_files": len(data.corpus["files"]["eval"]),
-            "held_out_sequences": len(data.held_out[0]),
-            "eval_s": time.perf_counter() - t0, **report}
-  div = config["eval"]["divergence"]
-  out(f"[lm eval] {hf_dir} ({model.description}): held-out perplexity "
-      f"{report['perplexity']:.3f} over {int(report['tokens'])} tokens"
-      + (f"; teacher perplexity {report['teacher_perplexity']:.3f}, "
-         f"teacher-student {div} {report['teacher_' + div]:.4f}"
-         if teacher is not None else ""))
+    fields, words = _evaluate(config, model, model.variables, teacher, data)
+  result = {"hf": os.path.abspath(hf_dir), **fields}
+  out(f"[lm eval] {hf_dir} ({model.description}): {words}")
   return result
 
 
