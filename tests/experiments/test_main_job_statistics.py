@@ -27,8 +27,9 @@ RESULTS = os.path.join(REPO_ROOT, "experiments", "results")
 
 @pytest.fixture(scope="module")
 def main_job():
-  """experiments/fashion_mnist_kd.py as a module (sys.path and sys.modules
-  restored afterwards, as tests/experiments/test_experiments_smoke.py does)."""
+  """experiments/fashion_mnist_kd.py as a module (sys.path restored
+  afterwards, and the experiments' modules forgotten, as
+  tests/experiments/test_experiments_smoke.py does)."""
   import sys  # pylint: disable=g-import-not-at-top
   saved_path, saved_modules = list(sys.path), set(sys.modules)
   sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
@@ -40,8 +41,15 @@ def main_job():
   spec.loader.exec_module(module)
   yield module
   sys.path[:] = saved_path
+  # Only the experiments' own modules are forgotten: a third-party module
+  # imported meanwhile (scipy.stats imports numpy.fft) stays, since an
+  # extension module cannot be loaded twice in one process (a later
+  # `import numpy.fft` would raise "cannot load module more than once").
+  experiments = os.path.join(REPO_ROOT, "experiments")
   for name in set(sys.modules) - saved_modules:
-    del sys.modules[name]
+    path = getattr(sys.modules[name], "__file__", None) or ""
+    if name == spec.name or os.path.abspath(path).startswith(experiments):
+      del sys.modules[name]
 
 
 # Student's t table values (two-sided 95%: the 0.975 quantile).
@@ -109,3 +117,23 @@ def test_each_reading_lies_in_the_others_interval(main_job):
           f"{name}'s mean gain {mean:+.2f} lies outside {other}'s 95% CI "
           f"[{lo:+.2f}, {hi:+.2f}]")
       assert math.isfinite(mean)
+
+
+def test_the_fixture_leaves_third_party_modules_loaded(tmp_path):
+  """The main_job fixture once forgot every module imported while it lived,
+  numpy.fft among them (scipy.stats imports it): the next test in the same
+  process to need scipy.linalg (jax's export does) failed with "cannot load
+  module more than once per process". Replayed in a fresh pytest process,
+  in that order."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  after = tmp_path / "test_after.py"
+  after.write_text("def test_scipy_linalg_imports():\n"
+                   "  import scipy.linalg  # noqa: F401\n")
+  first = os.path.abspath(__file__) + "::test_t_p_values_match_scipy"
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+       "-p", "no:randomly", first, str(after)], capture_output=True,
+      text=True, timeout=300, cwd=REPO_ROOT, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+  assert "2 passed" in proc.stdout
